@@ -1,0 +1,157 @@
+"""Response-level objectives that train an implicit PRM (paper section 3 and 4.1).
+
+Every loss takes *implicit rewards* ``r = beta * log pi_phi(y) / pi_ref(y)``, the per-token
+log-ratio summed over the response tokens and already multiplied by beta (see
+:func:`prm_ray.reward.implicit_reward`). Training any of them makes the per-token log-ratio a
+process reward for free (Prop. 3.1): the objective only decides *how* outcome labels shape r.
+
+Each loss returns the mean over rows by default; ``reduction="none"`` gives per-row values
+(``"sum"`` is also accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "ce_loss",
+    "dpo_loss",
+    "get_objective",
+    "kto_loss",
+    "kto_mismatched_indices",
+    "kto_reference_point",
+    "nca_loss",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "none":
+        return losses
+    raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(_REDUCTIONS)}")
+
+
+def ce_loss(rewards: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on outcome labels, eq. 5: ``BCE(sigmoid(r), l)``.
+
+    ``-l * log sigmoid(r) - (1 - l) * log(1 - sigmoid(r))``, computed from the logit r with
+    ``binary_cross_entropy_with_logits`` (stable for large |r|). Unpaired rows; labels in {0, 1}
+    (soft labels in [0, 1] also work).
+    """
+    losses = F.binary_cross_entropy_with_logits(rewards, labels.to(rewards.dtype), reduction="none")
+    return _reduce(losses, reduction)
+
+
+def dpo_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """DPO (Rafailov et al., 2023) on correct/incorrect pairs: ``-log sigmoid(r_c - r_r)``."""
+    return _reduce(-F.logsigmoid(r_chosen - r_rejected), reduction)
+
+
+def nca_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Pairwise NCA (Chen et al., 2024), as in TRL's ``loss_type="nca_pair"``.
+
+    ``-log sigmoid(r_c) - 0.5 * log sigmoid(-r_c) - 0.5 * log sigmoid(-r_r)``: unlike DPO it
+    pushes the chosen reward up in absolute terms, not only relative to the rejected one.
+    """
+    losses = -F.logsigmoid(r_chosen) - 0.5 * F.logsigmoid(-r_chosen) - 0.5 * F.logsigmoid(-r_rejected)
+    return _reduce(losses, reduction)
+
+
+def kto_mismatched_indices(batch_size: int) -> list[int]:
+    """Completion index to pair with each row's prompt for KTO's KL estimate.
+
+    Row i's prompt is paired with the completion of row ``(i - 1) mod n``: the completions are
+    rotated by one, exactly TRL's ``_get_kl_dataset`` (``[c[-1]] + c[:-1]``) applied per batch.
+    Needs ``n >= 2`` (with one row the "mismatched" pair would be the matched one).
+    """
+    if batch_size < 2:
+        raise ValueError(f"KTO needs at least 2 rows per batch to form mismatched pairs, got {batch_size}")
+    return [(i - 1) % batch_size for i in range(batch_size)]
+
+
+def kto_reference_point(mismatched_rewards: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z_ref``: a batch estimate of ``beta * KL(pi_phi || pi_ref)``.
+
+    ``mismatched_rewards`` are implicit rewards ``beta * log pi_phi(y'|x) / pi_ref(y'|x)`` of
+    mismatched prompt/completion pairs (see :func:`kto_mismatched_indices`). Returns
+    ``clamp(mean, min=0)``, detached: KTO treats z_ref as a constant (no gradient flows into it).
+    In a data-parallel run, average the mean across workers before clamping, as TRL does.
+    """
+    return mismatched_rewards.detach().mean().clamp(min=0)
+
+
+def kto_loss(
+    rewards: torch.Tensor,
+    labels: torch.Tensor,
+    z_ref: torch.Tensor | float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KTO (Ethayarajh et al., 2024) on unpaired rows, TRL's formulation.
+
+    Desirable rows (label 1): ``lambda_D * (1 - sigmoid(r - z_ref))``;
+    undesirable rows (label 0): ``lambda_U * (1 - sigmoid(z_ref - r))``.
+    ``z_ref`` comes from :func:`kto_reference_point` and is detached here as well. The mean is
+    over all rows (TRL concatenates the weighted desirable and undesirable losses and averages).
+    """
+    z = torch.as_tensor(z_ref, dtype=rewards.dtype, device=rewards.device).detach()
+    desirable = labels.bool()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(rewards - z)),
+        undesirable_weight * (1 - torch.sigmoid(z - rewards)),
+    )
+    return _reduce(losses, reduction)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How one training objective consumes data.
+
+    ``paired``: rows are (chosen=correct, rejected=incorrect) pairs of the same prompt; the paper
+    builds every correct x incorrect pair, dropping prompts whose rollouts are all right or all
+    wrong. Otherwise rows are unpaired, imbalanced (response, label) rows.
+    ``needs_reference_point``: KTO also needs implicit rewards of mismatched prompt/completion
+    pairs each step (:func:`kto_mismatched_indices`, :func:`kto_reference_point`).
+    ``loss``: paired -> ``loss(r_chosen, r_rejected)``; CE -> ``loss(rewards, labels)``;
+    KTO -> ``loss(rewards, labels, z_ref)``.
+    """
+
+    name: str
+    paired: bool
+    needs_reference_point: bool
+    loss: Callable[..., torch.Tensor]
+    description: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "ce": Objective("ce", False, False, ce_loss,
+                    "cross-entropy on outcome labels (eq. 5); unpaired rows"),
+    "dpo": Objective("dpo", True, False, dpo_loss,
+                     "DPO on correct x incorrect pairs of the same prompt"),
+    "kto": Objective("kto", False, True, kto_loss,
+                     "KTO on unpaired rows, with a batch KL reference point from mismatched pairs"),
+    "nca": Objective("nca", True, False, nca_loss,
+                     "pairwise NCA on correct x incorrect pairs of the same prompt"),
+}
+"""The paper's four objectives (Table 1), keyed by the name a training config uses."""
+
+
+def get_objective(name: str) -> Objective:
+    """Look up an objective by name, with an error listing the valid ones."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}") from None

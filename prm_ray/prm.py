@@ -1,0 +1,325 @@
+"""The public scoring API: an implicit PRM built from any Hugging Face causal LM.
+
+Example::
+
+    prm = ImplicitPRM.from_pretrained("path/to/prm", ref_path="path/to/ref", beta=0.05)
+    [s.score for s in prm.score(["What is 1+1?"], ["1+1 = 2.\\n\\nThe answer is 2."])]
+
+Per response: token rewards ``beta * log pi_phi / pi_ref`` (eq. 3 per token), summed into
+reasoning steps (eq. 3), their running sums (q-values, eq. 2), and one aggregated score (the
+paper's best-of-N score is the minimum step reward). Pure PyTorch; Ray stages wrap this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prm_ray.policy import render_prompt
+from prm_ray.reward import (
+    AGGREGATIONS,
+    aggregate,
+    q_values,
+    response_logprobs,
+    step_ids_from_offsets,
+    step_rewards,
+    token_rewards,
+)
+
+__all__ = ["ImplicitPRM", "StepScores", "TokenizedItem"]
+
+
+@dataclass
+class StepScores:
+    """Implicit process rewards of one response.
+
+    ``steps`` concatenate back to the response text. ``token_rewards`` covers every response
+    token (``num_tokens`` of them, including the appended EOS). ``q_values[t]`` is the running sum
+    of ``step_rewards`` up to step t, so ``q_values[-1]`` is the outcome reward r(y). ``score`` is
+    ``step_rewards`` aggregated with ``aggregation``.
+    """
+
+    steps: list[str]
+    step_rewards: list[float]
+    q_values: list[float]
+    token_rewards: list[float]
+    num_tokens: int
+    score: float
+    aggregation: str
+
+
+@dataclass
+class TokenizedItem:
+    """One prompt+response, tokenized the way :meth:`ImplicitPRM.encode` does it.
+
+    ``input_ids`` = prompt ids + response ids (+ EOS); the response starts at ``prompt_len``.
+    ``step_ids`` has one entry per response token.
+    """
+
+    input_ids: list[int]
+    prompt_len: int
+    step_ids: list[int]
+    steps: list[str]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+class ImplicitPRM:
+    """An implicit PRM: ``r_phi(y) = beta * log pi_phi(y) / pi_ref(y)`` (Prop. 3.1).
+
+    ``ref_model=None`` is the paper's "w/o ref" mode (Table 4): token reward ``beta * log pi_phi``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        ref_model: torch.nn.Module | None = None,
+        *,
+        beta: float = 0.05,
+        step_separator: str = "\n\n",
+        aggregation: str = "min",
+        append_eos: bool = True,
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+        if not step_separator:
+            raise ValueError("step_separator must be a non-empty string")
+        if append_eos and tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos_token_id")
+        if ref_model is not None:
+            v, rv = model.config.vocab_size, ref_model.config.vocab_size
+            if v != rv:
+                raise ValueError(
+                    f"PRM and reference models have different vocab_size ({v} vs {rv}); "
+                    "the log-ratio needs both models over the same tokenizer"
+                )
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}"
+            )
+        self.model = model.eval()
+        self.ref_model = ref_model.eval() if ref_model is not None else None
+        self.tokenizer = tokenizer
+        self.beta = float(beta)
+        self.step_separator = step_separator
+        self.aggregation = aggregation
+        self.append_eos = append_eos
+        limits = [
+            getattr(m.config, "max_position_embeddings", None)
+            for m in (model, ref_model)
+            if m is not None
+        ]
+        limits = [x for x in limits if x]
+        self.max_length: int | None = min(limits) if limits else None
+        pad = tokenizer.pad_token_id
+        # Padding ids never reach the reward (attention- and response-masked); any valid id works.
+        self.pad_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        ref_path: str | None = None,
+        beta: float = 0.05,
+        *,
+        step_separator: str = "\n\n",
+        aggregation: str = "min",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        append_eos: bool = True,
+    ) -> "ImplicitPRM":
+        """Load the PRM (and optionally the reference) as ``AutoModelForCausalLM`` + its tokenizer.
+
+        The reference's tokenizer (if it ships one) must have exactly the PRM tokenizer's vocabulary.
+        """
+        dtype = _as_dtype(dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        ref_model = None
+        if ref_path is not None:
+            try:
+                ref_tokenizer = AutoTokenizer.from_pretrained(ref_path)
+            except (OSError, ValueError):  # a bare checkpoint without tokenizer files
+                ref_tokenizer = None
+            if ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(
+                    f"the tokenizers of {path!r} and {ref_path!r} differ "
+                    f"({len(tokenizer)} vs {len(ref_tokenizer)} tokens); "
+                    "the PRM and its reference must share one vocabulary"
+                )
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype).to(device)
+        return cls(
+            model,
+            tokenizer,
+            ref_model,
+            beta=beta,
+            step_separator=step_separator,
+            aggregation=aggregation,
+            append_eos=append_eos,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- tokenization ---------------------------------------------------------------------------
+
+    def encode(
+        self, prompt: str, response: str, *, chat_template: bool = True, index: int | None = None
+    ) -> TokenizedItem:
+        """Tokenize one prompt+response the way a sampler produced it.
+
+        The prompt (rendered with the chat template if ``chat_template``) and the response are
+        tokenized separately without special tokens and concatenated; EOS is appended if
+        ``append_eos`` (the paper's last step includes the end-of-turn token). Raises
+        ``ValueError`` rather than truncating when the sequence exceeds the models' context.
+        """
+        tok = self.tokenizer
+        where = f"item {index}" if index is not None else "item"
+        text = render_prompt(tok, prompt) if chat_template else prompt
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise ValueError(f"{where}: the prompt is empty after rendering; the first response "
+                             "token needs a context (use the chat template or include BOS)")
+        enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+        response_ids = list(enc["input_ids"])
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        if self.append_eos:
+            response_ids.append(tok.eos_token_id)
+            offsets.append((len(response), len(response)))  # zero-width: joins the last step
+        total = len(prompt_ids) + len(response_ids)
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(
+                f"{where} is too long: {len(prompt_ids)} prompt + {len(response_ids)} response tokens "
+                f"= {total} > max_position_embeddings {self.max_length} (inputs are never truncated)"
+            )
+        step_ids, steps = step_ids_from_offsets(response, offsets, self.step_separator)
+        return TokenizedItem(list(prompt_ids) + response_ids, len(prompt_ids), step_ids, steps)
+
+    def collate(self, items: Sequence[TokenizedItem]) -> dict[str, torch.Tensor]:
+        """Right-pad items into ``input_ids``, ``attention_mask``, ``response_mask``, ``step_ids``."""
+        B = len(items)
+        L = max(len(it.input_ids) for it in items)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, L, dtype=torch.long)
+        response_mask = torch.zeros(B, L, dtype=torch.bool)
+        step_ids = torch.full((B, L), -1, dtype=torch.long)
+        for b, it in enumerate(items):
+            n, p = len(it.input_ids), it.prompt_len
+            input_ids[b, :n] = torch.tensor(it.input_ids, dtype=torch.long)
+            attention_mask[b, :n] = 1
+            response_mask[b, p:n] = True
+            step_ids[b, p:n] = torch.tensor(it.step_ids, dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "step_ids": step_ids,
+        }
+
+    # -- batched math ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def token_rewards(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, L]`` token rewards ``beta * (logp_phi - logp_ref)`` on response tokens, 0 elsewhere.
+
+        The tensor-level entry point for pipeline stages with their own batching. Returned on CPU.
+        """
+        dev = self.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        response_mask = response_mask.to(dev).bool()
+        logp = response_logprobs(self.model, input_ids, attention_mask, response_mask)
+        ref_logp = None
+        if self.ref_model is not None:
+            ref_logp = response_logprobs(self.ref_model, input_ids, attention_mask, response_mask)
+        return token_rewards(logp, ref_logp, response_mask, self.beta).cpu()
+
+    def score_tokenized(
+        self, items: Sequence[TokenizedItem], *, aggregation: str | None = None
+    ) -> list[StepScores]:
+        """Score already-tokenized items as ONE batch (no sorting or splitting)."""
+        method = aggregation or self.aggregation
+        if method not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(AGGREGATIONS)}")
+        if not items:
+            return []
+        batch = self.collate(items)
+        tok_r = self.token_rewards(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        num_steps = max(len(it.steps) for it in items)
+        step_r, step_mask = step_rewards(tok_r, batch["step_ids"], num_steps)
+        q = q_values(step_r, step_mask)
+        scores = aggregate(step_r, step_mask, method)
+        out = []
+        for b, it in enumerate(items):
+            n_steps = len(it.steps)
+            p, n = it.prompt_len, len(it.input_ids)
+            out.append(
+                StepScores(
+                    steps=list(it.steps),
+                    step_rewards=step_r[b, :n_steps].tolist(),
+                    q_values=q[b, :n_steps].tolist(),
+                    token_rewards=tok_r[b, p:n].tolist(),
+                    num_tokens=n - p,
+                    score=float(scores[b]),
+                    aggregation=method,
+                )
+            )
+        return out
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        batch_size: int = 16,
+        aggregation: str | None = None,
+        chat_template: bool = True,
+    ) -> list[StepScores]:
+        """Score each (prompt, response) pair; results come back in input order.
+
+        Items are sorted by length (longest first) into batches of ``batch_size`` to reduce
+        padding; with right padding and causal attention the result does not depend on the batch.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        method = aggregation or self.aggregation
+        if method not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {method!r}; valid: {', '.join(AGGREGATIONS)}")
+        items = [
+            self.encode(p, r, chat_template=chat_template, index=i)
+            for i, (p, r) in enumerate(zip(prompts, responses))
+        ]
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+        results: list[StepScores | None] = [None] * len(items)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, res in zip(chunk, self.score_tokenized([items[i] for i in chunk], aggregation=method)):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImplicitPRM(beta={self.beta}, ref={'yes' if self.ref_model is not None else 'no'}, "
+            f"aggregation={self.aggregation!r}, step_separator={self.step_separator!r}, "
+            f"append_eos={self.append_eos})"
+        )

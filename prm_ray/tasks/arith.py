@@ -1,0 +1,200 @@
+"""The embedded default task: a synthetic multi-step arithmetic world.
+
+A problem is a chain of operations applied left to right, e.g. `7+5*3-2` means ((7+5)*3)-2.
+With the default `modulus=10` every intermediate value is taken mod 10, so each step is a lookup
+in a small fact table (300 facts for `+-*`): a tiny model can learn the world, and a learned PRM
+can learn which facts the policy gets wrong. Reference solutions use the paper's step format:
+
+    Step 1: 7+5 = 2
+
+    Step 2: 2*3 = 6
+
+    Step 3: 6-2 = 4
+
+    The answer is \\boxed{4}
+
+Splits are disjoint by construction: a problem's split is a function of a hash of its text, so no
+seed, size or difficulty setting can put the same problem in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prm_ray.tasks.base import Instruction, Task, Verdict, VerifyStatus, last_boxed
+
+SPLITS = ("train", "validation", "test")
+# Share of the problem space (by hash bucket out of 100) owned by each split.
+_SPLIT_BUCKETS = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": None}
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass
+class ArithConfig:
+    """Difficulty knobs of the arithmetic world."""
+
+    min_steps: int = 2
+    max_steps: int = 5
+    operand_min: int = 0
+    operand_max: int = 9
+    ops: str = "+-*"
+    # Values are reduced mod `modulus` after every step; None = plain integers (then values must
+    # stay within [0, value_max], and `/` is allowed with exact division only).
+    modulus: int | None = 10
+    value_max: int = 99
+    num_train: int = 20000
+    num_validation: int = 500
+    num_test: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"need 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
+                f"max_steps={self.max_steps}"
+            )
+        if not 0 <= self.operand_min <= self.operand_max:
+            raise ValueError(
+                f"need 0 <= operand_min <= operand_max, got {self.operand_min}, {self.operand_max}"
+            )
+        bad = set(self.ops) - set(_OPS)
+        if not self.ops or bad:
+            raise ValueError(f"ops must be a non-empty subset of '+-*/', got {self.ops!r}")
+        if self.modulus is not None and self.modulus < 2:
+            raise ValueError(f"modulus must be >= 2 or None, got {self.modulus}")
+        if self.modulus is not None and "/" in self.ops:
+            raise ValueError("ops: '/' is only defined without a modulus (modulus: null)")
+        for name in ("num_train", "num_validation", "num_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _bucket(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") % 100
+
+
+class ArithTask(Task):
+    name = "arith"
+
+    def __init__(self, config: ArithConfig | None = None, **overrides) -> None:
+        if config is None:
+            config = ArithConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an ArithConfig or keyword overrides, not both")
+        self.config = config
+
+    # -- the world --------------------------------------------------------------------------
+    def _apply(self, value: int, op: str, operand: int) -> int | None:
+        """Result of one step, or None if the step is not allowed here."""
+        c = self.config
+        if op == "/":
+            if operand == 0 or value % operand:
+                return None
+            out = value // operand
+        else:
+            out = _OPS[op](value, operand)
+        if c.modulus is not None:
+            return out % c.modulus
+        return out if 0 <= out <= c.value_max else None
+
+    def _sample_problem(self, rng: random.Random) -> list[tuple[str, int]] | None:
+        c = self.config
+        hi = c.operand_max if c.modulus is None else min(c.operand_max, c.modulus - 1)
+        start = rng.randint(c.operand_min, hi)
+        chain: list[tuple[str, int]] = [("", start)]
+        value = start
+        for _ in range(rng.randint(c.min_steps, c.max_steps)):
+            for _attempt in range(50):
+                op, operand = rng.choice(c.ops), rng.randint(c.operand_min, c.operand_max)
+                nxt = self._apply(value, op, operand)
+                if nxt is not None:
+                    break
+            else:
+                return None
+            chain.append((op, operand))
+            value = nxt
+        return chain
+
+    @staticmethod
+    def expression(chain: list[tuple[str, int]]) -> str:
+        return "".join(f"{op}{x}" for op, x in chain)
+
+    def parse_expression(self, expr: str) -> list[tuple[str, int]]:
+        tokens = re.findall(r"([+\-*/]?)(\d+)", expr)
+        if not tokens or "".join(a + b for a, b in tokens) != expr or tokens[0][0]:
+            raise ValueError(f"not an arith expression: {expr!r}")
+        return [(op, int(x)) for op, x in tokens]
+
+    def solve(self, expr: str) -> tuple[list[tuple[int, str, int, int]], int]:
+        """The steps (value, op, operand, result) of a problem and its final value."""
+        chain = self.parse_expression(expr)
+        value = chain[0][1]
+        steps = []
+        for op, operand in chain[1:]:
+            nxt = self._apply(value, op, operand)
+            if nxt is None:
+                raise ValueError(f"step {value}{op}{operand} is outside this world in {expr!r}")
+            steps.append((value, op, operand, nxt))
+            value = nxt
+        return steps, value
+
+    def solution(self, expr: str) -> str:
+        """Reference solution in the paper's step format (steps separated by a blank line)."""
+        steps, value = self.solve(expr)
+        lines = [f"Step {i}: {a}{op}{b} = {c}" for i, (a, op, b, c) in enumerate(steps, 1)]
+        lines.append(f"The answer is \\boxed{{{value}}}")
+        return "\n\n".join(lines)
+
+    # -- Task interface -------------------------------------------------------------------------
+    def split_size(self, split: str) -> int:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} for task 'arith': expected one of {SPLITS}")
+        return getattr(self.config, f"num_{split}")
+
+    def instructions(self, split: str, limit: int | None = None) -> Iterator[Instruction]:
+        size = self.split_size(split)
+        if limit is not None:
+            size = min(size, limit)
+        # Seeded per split, so a split's problems do not depend on the other splits' sizes.
+        rng = random.Random(f"{self.config.seed}-{split}")
+        buckets = _SPLIT_BUCKETS[split]
+        seen: set[str] = set()
+        misses = 0
+        while len(seen) < size:
+            chain = self._sample_problem(rng)
+            expr = self.expression(chain) if chain else None
+            if expr is None or expr in seen or _bucket(expr) not in buckets:
+                misses += 1
+                if misses > 200 * size + 10_000:
+                    raise ValueError(
+                        f"the arith world is too small for {size} distinct {split} problems "
+                        f"(config {self.config}); widen steps, operands or ops"
+                    )
+                continue
+            seen.add(expr)
+            _, answer = self.solve(expr)
+            yield Instruction(
+                id=f"arith-{split}-{len(seen) - 1:06d}",
+                prompt=expr,
+                answer=str(answer),
+                meta={"num_steps": len(chain) - 1, "solution": self.solution(expr)},
+            )
+
+    def extract_answer(self, response: str) -> str | None:
+        boxed = last_boxed(response)
+        return boxed.strip() if boxed is not None else None
+
+    def verify(self, response: str, gold: str) -> Verdict:
+        extracted = self.extract_answer(response)
+        if extracted is None:
+            return Verdict(False, VerifyStatus.NO_ANSWER, None, "no \\boxed{} answer")
+        if not _INT.match(gold.strip()):
+            return Verdict(False, VerifyStatus.ERROR, extracted, f"gold {gold!r} is not an integer")
+        if not _INT.match(extracted):
+            return Verdict(False, VerifyStatus.OK, extracted, "answer is not an integer")
+        return Verdict(int(extracted) == int(gold), VerifyStatus.OK, extracted)

@@ -1,0 +1,107 @@
+"""The task interface: where instructions come from, how answers are extracted and verified.
+
+A task is the only domain-specific piece of the pipeline. Rollouts, training and evaluation see
+`Instruction` rows and `Verdict`s and nothing else, so a new domain is a new `Task` subclass.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class VerifyStatus(str, enum.Enum):
+    """How verification ended. Only `OK` verdicts carry a meaningful `correct` flag of True.
+
+    A timeout or a parse failure is never folded into a silent `correct=False`: the row keeps the
+    reason, so a broken verifier shows up in the rollout summary instead of as a low pass rate.
+    """
+
+    OK = "ok"  # the answer was extracted and compared; `correct` says how it went
+    NO_ANSWER = "no_answer"  # the response has no final answer (no \boxed{...})
+    TIMEOUT = "timeout"  # the comparison did not finish within the deadline
+    ERROR = "error"  # the comparison raised (e.g. the gold answer does not parse)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    status: VerifyStatus
+    extracted_answer: str | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.correct and self.status is not VerifyStatus.OK:
+            raise ValueError(f"a verdict with status {self.status.value!r} cannot be correct")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One problem. `prompt` is the raw problem text; chat templates are applied later, per model."""
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(abc.ABC):
+    """An instruction source plus answer extraction plus verification."""
+
+    name: str = "task"
+
+    @abc.abstractmethod
+    def instructions(self, split: str, limit: int | None = None) -> Iterator[Instruction]:
+        """Yield the instructions of a split, in a deterministic order."""
+
+    @abc.abstractmethod
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer a response commits to, or None if it gives none."""
+
+    @abc.abstractmethod
+    def verify(self, response: str, gold: str) -> Verdict:
+        """Judge one response against the gold answer."""
+
+    def verify_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+        """Judge many responses; tasks with expensive verifiers override this to parallelise."""
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        return [self.verify(r, g) for r, g in zip(responses, golds)]
+
+    def format_instruction(self, instruction: Instruction) -> str:
+        """The user-turn text the policy sees (before its chat template)."""
+        return instruction.prompt
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; None if absent.
+
+    Same convention as the paper's evaluation code: the last box wins, nested braces are kept.
+    """
+    best = None
+    for marker in ("\\boxed", "\\fbox"):
+        idx = text.rfind(marker)
+        if idx > (best[0] if best else -1):
+            best = (idx, marker)
+    if best is None:
+        return None
+    idx, marker = best
+    i = idx + len(marker)
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        # `\boxed 5` (no braces) is legal LaTeX; take the next token.
+        rest = text[i:].strip().split()
+        return rest[0].rstrip("$.") if rest else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None  # unbalanced: the response was cut off inside the box

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama with the project's char tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from prm_ray.policy import ModelShape, build_char_tokenizer
+
+
+def _save_tiny_model(path, seed: int) -> str:
+    torch.manual_seed(seed)
+    shape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                       max_position_embeddings=256)
+    model = LlamaForCausalLM(shape.to_config())
+    model.save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_path(tmp_path_factory) -> str:
+    """A random tiny Llama saved in HF format (the 'reference' / policy in tests)."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny_policy"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_prm_path(tmp_path_factory) -> str:
+    """A second random tiny Llama with the same tokenizer (stands in for a trained PRM)."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny_prm"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_policy(tiny_policy_path):
+    """One vLLM engine over the tiny policy for the whole session (start-up is ~20-60 s on CPU)."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(model=tiny_policy_path, dtype="float32", enforce_eager=True, max_model_len=256,
+              seed=0, max_num_seqs=64)
+    yield llm
+    del llm

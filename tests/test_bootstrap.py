@@ -1,0 +1,62 @@
+"""Bootstrapping the tiny policy: trains, saves HF artefacts, measures, and is reused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prm_ray.bootstrap import POLICY_CARD, BootstrapConfig, EvalConfig, bootstrap
+from prm_ray.policy import ModelShape, render_prompt
+from prm_ray.tasks.arith import ArithConfig
+
+
+@pytest.fixture(scope="module")
+def small_cfg(tmp_path_factory):
+    return BootstrapConfig(
+        out=str(tmp_path_factory.mktemp("policy")),
+        arith=ArithConfig(min_steps=1, max_steps=2, ops="+", num_validation=50),
+        model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                         max_position_embeddings=128),
+        train_problems=500, steps=60, batch_size=16, lr=1e-2,
+        eval=EvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
+    )
+
+
+@pytest.fixture(scope="module")
+def card(small_cfg):
+    return bootstrap(small_cfg, progress=False)
+
+
+def test_training_lowers_the_loss_and_records_everything(card, small_cfg):
+    hist = card["train"]
+    assert card["reused"] is False
+    history = json.loads((Path(small_cfg.out) / "train_history.json").read_text())
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert card["rollout_temperature"] == 0.8
+    m = card["metrics"]
+    assert m["problems"] == 6 and m["samples"] == 4 and m["split"] == "validation"
+    assert 0.0 <= m["pass@1"] <= m["pass@4"] <= 1.0
+    assert sum(m["verify_status"].values()) == 24
+    assert hist["params"] > 0 and hist["train_seconds"] > 0
+
+
+def test_saved_policy_loads_with_from_pretrained(card, small_cfg):
+    tok = AutoTokenizer.from_pretrained(small_cfg.out)
+    model = AutoModelForCausalLM.from_pretrained(small_cfg.out)
+    assert model.config.model_type == "llama"
+    prompt = render_prompt(tok, "3+4")
+    assert prompt == "<s>Q: 3+4\n"
+    ids = tok(prompt + "Step 1: 3+4 = 7", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert tok.decode(ids[0], skip_special_tokens=True) == "Q: 3+4\nStep 1: 3+4 = 7"
+
+
+def test_finished_policy_is_reused_not_retrained(card, small_cfg):
+    again = bootstrap(small_cfg, progress=False)
+    assert again["reused"] is True
+    assert again["metrics"] == card["metrics"]
+    assert (Path(small_cfg.out) / "bootstrap_config.yaml").exists()
+    assert json.loads((Path(small_cfg.out) / POLICY_CARD).read_text())["seed"] == 0

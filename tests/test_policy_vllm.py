@@ -1,0 +1,38 @@
+"""The policy artefacts are ordinary HF files: vLLM loads them and agrees with transformers."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm import SamplingParams
+
+from prm_ray.policy import render_prompt
+from prm_ray.reward import response_logprobs
+
+
+def test_vllm_prompt_logprobs_match_transformers(tiny_policy_path, vllm_tiny_policy):
+    tok = AutoTokenizer.from_pretrained(tiny_policy_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_path).eval()
+    prompt = render_prompt(tok, "7+5*3-2")
+    ids = tok(prompt + "Step 1: 7+5 = 2\n\nStep 2: 2*3 = 6", add_special_tokens=False)["input_ids"]
+    out = vllm_tiny_policy.generate([{"prompt_token_ids": ids}],
+                                    SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    plp = out[0].prompt_logprobs
+    assert plp[0] is None  # vLLM convention: no log-prob for the first token
+    vllm_lp = torch.tensor([plp[i][ids[i]].logprob for i in range(1, len(ids))])
+    t = torch.tensor([ids])
+    mask = torch.ones_like(t, dtype=torch.bool)
+    mask[0, 0] = False
+    with torch.no_grad():
+        hf_lp = response_logprobs(model, t, torch.ones_like(t), mask)[0, 1:]
+    assert torch.allclose(vllm_lp, hf_lp, atol=1e-4), (vllm_lp - hf_lp).abs().max()
+
+
+def test_vllm_samples_n_responses_that_decode_with_our_tokenizer(tiny_policy_path, vllm_tiny_policy):
+    tok = AutoTokenizer.from_pretrained(tiny_policy_path)
+    ids = tok(render_prompt(tok, "3+4"), add_special_tokens=False)["input_ids"]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=20, seed=7)
+    outs = vllm_tiny_policy.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
+    assert len(outs) == 4
+    for o in outs:
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    again = vllm_tiny_policy.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
+    assert [o.text for o in again] == [o.text for o in outs]  # seeded sampling is reproducible
