@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,13 @@ class EvalConfig:
     split: str = "validation"
     num_problems: int = 300
     samples: int = 16
-    temperature: float = 1.0  # the rollout temperature; recorded in the policy card
+    # The rollout temperature, recorded in the policy card. None: calibrate it on `split`,
+    # picking the candidate whose pass@1 is closest to `target_pass1` (the world wants a policy
+    # that is often right and often wrong; the exact training outcome varies, the target does not).
+    temperature: float | None = None
+    target_pass1: float = 0.5
+    calibration_temperatures: list[float] = field(default_factory=lambda: [0.8, 1.0, 1.2, 1.4])
+    calibration_problems: int = 100
     top_p: float = 1.0
     max_new_tokens: int = 160
     batch_size: int = 256
@@ -50,7 +56,7 @@ class BootstrapConfig:
         hidden_size=192, num_layers=3, num_heads=3, intermediate_size=512,
         max_position_embeddings=256))
     train_problems: int = 100_000
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -96,6 +102,23 @@ def _collate(seqs, prompt_lens, idx, pad_id):
     return ids, attn, labels
 
 
+def _length_bucketed_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches, each drawn from sequences of similar length (less padding compute).
+
+    Shuffle, sort within windows of 32 batches by length, cut into batches, shuffle the batches:
+    batches stay random across the epoch while padding shrinks.
+    """
+    idx = list(range(len(seqs)))
+    rng.shuffle(idx)
+    window = batch_size * 32
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w : w + window], key=lambda i: len(seqs[i]))
+        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
 def train_policy(cfg: BootstrapConfig, progress: bool = True) -> tuple[LlamaForCausalLM, object, dict]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -114,17 +137,15 @@ def train_policy(cfg: BootstrapConfig, progress: bool = True) -> tuple[LlamaForC
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    order: list[int] = []
+    order: list[list[int]] = []
     history = []
     t0 = time.time()
     tokens = 0
     bar = tqdm(range(cfg.steps), desc="SFT policy", disable=not progress, mininterval=2)
     for step in bar:
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(seqs)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        if not order:
+            order = _length_bucketed_batches(seqs, cfg.batch_size, rng)
+        idx = order.pop()
         ids, attn, labels = _collate(seqs, prompt_lens, idx, tokenizer.pad_token_id)
         lr = _lr_at(step, cfg)
         for group in opt.param_groups:
@@ -181,8 +202,21 @@ def sample_responses(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> l
     return out
 
 
+def calibrate_temperature(model, tokenizer, task: ArithTask, cfg: EvalConfig) -> tuple[float, list[dict]]:
+    """The candidate temperature whose validation pass@1 is closest to `cfg.target_pass1`."""
+    table = []
+    for t in cfg.calibration_temperatures:
+        probe = replace(cfg, temperature=t, num_problems=cfg.calibration_problems)
+        m = evaluate_policy(model, tokenizer, task, probe)
+        table.append({"temperature": t, "pass@1": m["pass@1"], f"pass@{cfg.samples}": m[f"pass@{cfg.samples}"]})
+    best = min(table, key=lambda row: abs(row["pass@1"] - cfg.target_pass1))
+    return best["temperature"], table
+
+
 def evaluate_policy(model, tokenizer, task: ArithTask, cfg: EvalConfig) -> dict:
     """pass@1, pass@k, majority@k and own-likelihood best-of-k on held-out problems."""
+    if cfg.temperature is None:
+        raise ValueError("evaluate_policy needs a temperature (calibrate it first)")
     insts = list(task.instructions(cfg.split, limit=cfg.num_problems))
     t0 = time.time()
     samples = sample_responses(model, tokenizer, [i.prompt for i in insts], cfg)
@@ -237,12 +271,19 @@ def bootstrap(cfg: BootstrapConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    metrics = evaluate_policy(model, tokenizer, ArithTask(cfg.arith), cfg.eval)
+    task = ArithTask(cfg.arith)
+    calibration: list[dict] = []
+    eval_cfg = cfg.eval
+    if eval_cfg.temperature is None:
+        temperature, calibration = calibrate_temperature(model, tokenizer, task, eval_cfg)
+        eval_cfg = replace(eval_cfg, temperature=temperature)
+    metrics = evaluate_policy(model, tokenizer, task, eval_cfg)
     save_config(cfg, out / "bootstrap_config.yaml")
     card = {
         "task": "arith",
         "arith": vars(cfg.arith),
-        "rollout_temperature": cfg.eval.temperature,
+        "rollout_temperature": eval_cfg.temperature,
+        "temperature_calibration": calibration,
         "rollout_top_p": cfg.eval.top_p,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "train": {k: v for k, v in stats.items() if k != "history"},
