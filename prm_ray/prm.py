@@ -29,7 +29,7 @@ from prm_ray.reward import (
     token_rewards,
 )
 
-__all__ = ["ImplicitPRM", "StepScores", "TokenizedItem"]
+__all__ = ["ImplicitPRM", "StepScores", "TokenizedItem", "collate_items", "encode_pair"]
 
 
 @dataclass
@@ -78,6 +78,82 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
+def pad_token_id(tokenizer) -> int:
+    """Padding ids never reach a reward (attention- and response-masked); any valid id works."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def encode_pair(
+    tokenizer,
+    prompt: str,
+    response: str,
+    *,
+    chat_template: bool = True,
+    append_eos: bool = True,
+    separator: str = "\n\n",
+    max_length: int | None = None,
+    index: int | None = None,
+) -> TokenizedItem:
+    """Tokenize one prompt+response the way a sampler produced it.
+
+    The prompt (rendered with the chat template if ``chat_template``) and the response are
+    tokenized separately without special tokens and concatenated; EOS is appended if
+    ``append_eos`` (the paper's last step includes the end-of-turn token). Raises ``ValueError``
+    rather than truncating when the sequence exceeds ``max_length``. Scoring and training both use
+    this, so a PRM is trained on exactly the token sequences it later scores.
+    """
+    tok = tokenizer
+    where = f"item {index}" if index is not None else "item"
+    text = render_prompt(tok, prompt) if chat_template else prompt
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError(f"{where}: the prompt is empty after rendering; the first response "
+                         "token needs a context (use the chat template or include BOS)")
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+    response_ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    if append_eos:
+        response_ids.append(tok.eos_token_id)
+        offsets.append((len(response), len(response)))  # zero-width: joins the last step
+    total = len(prompt_ids) + len(response_ids)
+    if max_length is not None and total > max_length:
+        raise ValueError(
+            f"{where} is too long: {len(prompt_ids)} prompt + {len(response_ids)} response tokens "
+            f"= {total} > max_position_embeddings {max_length} (inputs are never truncated)"
+        )
+    step_ids, steps = step_ids_from_offsets(response, offsets, separator)
+    return TokenizedItem(list(prompt_ids) + response_ids, len(prompt_ids), step_ids, steps)
+
+
+def collate_items(items: Sequence[TokenizedItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items into ``input_ids``, ``attention_mask``, ``response_mask``, ``step_ids``."""
+    B = len(items)
+    L = max(len(it.input_ids) for it in items)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    response_mask = torch.zeros(B, L, dtype=torch.bool)
+    step_ids = torch.full((B, L), -1, dtype=torch.long)
+    for b, it in enumerate(items):
+        n, p = len(it.input_ids), it.prompt_len
+        input_ids[b, :n] = torch.tensor(it.input_ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        response_mask[b, p:n] = True
+        step_ids[b, p:n] = torch.tensor(it.step_ids, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "step_ids": step_ids,
+    }
+
+
+def max_context(*models: torch.nn.Module | None) -> int | None:
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in models if m is not None]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
 class ImplicitPRM:
     """An implicit PRM: ``r_phi(y) = beta * log pi_phi(y) / pi_ref(y)`` (Prop. 3.1).
 
@@ -120,16 +196,8 @@ class ImplicitPRM:
         self.step_separator = step_separator
         self.aggregation = aggregation
         self.append_eos = append_eos
-        limits = [
-            getattr(m.config, "max_position_embeddings", None)
-            for m in (model, ref_model)
-            if m is not None
-        ]
-        limits = [x for x in limits if x]
-        self.max_length: int | None = min(limits) if limits else None
-        pad = tokenizer.pad_token_id
-        # Padding ids never reach the reward (attention- and response-masked); any valid id works.
-        self.pad_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.max_length: int | None = max_context(model, ref_model)
+        self.pad_id: int = pad_token_id(tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -183,55 +251,14 @@ class ImplicitPRM:
     def encode(
         self, prompt: str, response: str, *, chat_template: bool = True, index: int | None = None
     ) -> TokenizedItem:
-        """Tokenize one prompt+response the way a sampler produced it.
-
-        The prompt (rendered with the chat template if ``chat_template``) and the response are
-        tokenized separately without special tokens and concatenated; EOS is appended if
-        ``append_eos`` (the paper's last step includes the end-of-turn token). Raises
-        ``ValueError`` rather than truncating when the sequence exceeds the models' context.
-        """
-        tok = self.tokenizer
-        where = f"item {index}" if index is not None else "item"
-        text = render_prompt(tok, prompt) if chat_template else prompt
-        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        if not prompt_ids:
-            raise ValueError(f"{where}: the prompt is empty after rendering; the first response "
-                             "token needs a context (use the chat template or include BOS)")
-        enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
-        response_ids = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        if self.append_eos:
-            response_ids.append(tok.eos_token_id)
-            offsets.append((len(response), len(response)))  # zero-width: joins the last step
-        total = len(prompt_ids) + len(response_ids)
-        if self.max_length is not None and total > self.max_length:
-            raise ValueError(
-                f"{where} is too long: {len(prompt_ids)} prompt + {len(response_ids)} response tokens "
-                f"= {total} > max_position_embeddings {self.max_length} (inputs are never truncated)"
-            )
-        step_ids, steps = step_ids_from_offsets(response, offsets, self.step_separator)
-        return TokenizedItem(list(prompt_ids) + response_ids, len(prompt_ids), step_ids, steps)
+        """Tokenize one prompt+response the way a sampler produced it (see :func:`encode_pair`)."""
+        return encode_pair(self.tokenizer, prompt, response, chat_template=chat_template,
+                           append_eos=self.append_eos, separator=self.step_separator,
+                           max_length=self.max_length, index=index)
 
     def collate(self, items: Sequence[TokenizedItem]) -> dict[str, torch.Tensor]:
         """Right-pad items into ``input_ids``, ``attention_mask``, ``response_mask``, ``step_ids``."""
-        B = len(items)
-        L = max(len(it.input_ids) for it in items)
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(B, L, dtype=torch.long)
-        response_mask = torch.zeros(B, L, dtype=torch.bool)
-        step_ids = torch.full((B, L), -1, dtype=torch.long)
-        for b, it in enumerate(items):
-            n, p = len(it.input_ids), it.prompt_len
-            input_ids[b, :n] = torch.tensor(it.input_ids, dtype=torch.long)
-            attention_mask[b, :n] = 1
-            response_mask[b, p:n] = True
-            step_ids[b, p:n] = torch.tensor(it.step_ids, dtype=torch.long)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "step_ids": step_ids,
-        }
+        return collate_items(items, self.pad_id)
 
     # -- batched math ---------------------------------------------------------------------------
 
