@@ -56,7 +56,7 @@ class BootstrapConfig:
         hidden_size=192, num_layers=3, num_heads=3, intermediate_size=512,
         max_position_embeddings=256))
     train_problems: int = 100_000
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -102,23 +102,6 @@ def _collate(seqs, prompt_lens, idx, pad_id):
     return ids, attn, labels
 
 
-def _length_bucketed_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of batches, each drawn from sequences of similar length (less padding compute).
-
-    Shuffle, sort within windows of 32 batches by length, cut into batches, shuffle the batches:
-    batches stay random across the epoch while padding shrinks.
-    """
-    idx = list(range(len(seqs)))
-    rng.shuffle(idx)
-    window = batch_size * 32
-    batches = []
-    for w in range(0, len(idx), window):
-        chunk = sorted(idx[w : w + window], key=lambda i: len(seqs[i]))
-        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
 def train_policy(cfg: BootstrapConfig, progress: bool = True) -> tuple[LlamaForCausalLM, object, dict]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -137,15 +120,21 @@ def train_policy(cfg: BootstrapConfig, progress: bool = True) -> tuple[LlamaForC
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    order: list[list[int]] = []
+    order: list[int] = []
     history = []
     t0 = time.time()
     tokens = 0
     bar = tqdm(range(cfg.steps), desc="SFT policy", disable=not progress, mininterval=2)
     for step in bar:
-        if not order:
-            order = _length_bucketed_batches(seqs, cfg.batch_size, rng)
-        idx = order.pop()
+        # Plain shuffled batches. Length-bucketed batches cut padding (~30% faster steps), but
+        # in both bucketed runs we tried (1200 and 2000 steps) the model learned to fetch the
+        # k-th operation from the question late (final loss 0.11 and 0.12, pass@1 18% and 14%)
+        # against 0.007 and 71% for this recipe at 1500 steps.
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(seqs)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         ids, attn, labels = _collate(seqs, prompt_lens, idx, tokenizer.pad_token_id)
         lr = _lr_at(step, cfg)
         for group in opt.param_groups:

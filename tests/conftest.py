@@ -43,3 +43,37 @@ def vllm_tiny_policy(tiny_policy_path):
               seed=0, max_num_seqs=64)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session (start-up is seconds; per-test clusters would dominate)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+TINY_ARITH = dict(min_steps=1, max_steps=2, ops="+", num_train=200, num_validation=50, num_test=50)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_policy(tmp_path_factory):
+    """A tiny policy really trained by the bootstrap on an easy arith world (some answers right).
+
+    Returns (config, policy card); the HF model directory is `config.out`.
+    """
+    from prm_ray.bootstrap import BootstrapConfig, EvalConfig, bootstrap
+    from prm_ray.policy import ModelShape
+    from prm_ray.tasks.arith import ArithConfig
+
+    cfg = BootstrapConfig(
+        out=str(tmp_path_factory.mktemp("trained_policy")),
+        arith=ArithConfig(**TINY_ARITH),
+        model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                         max_position_embeddings=128),
+        train_problems=500, steps=60, batch_size=16, lr=1e-2,
+        eval=EvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
+    )
+    return cfg, bootstrap(cfg, progress=False)

@@ -7,26 +7,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prm_ray.bootstrap import POLICY_CARD, BootstrapConfig, EvalConfig, bootstrap
-from prm_ray.policy import ModelShape, render_prompt
-from prm_ray.tasks.arith import ArithConfig
+from prm_ray.bootstrap import POLICY_CARD, bootstrap
+from prm_ray.policy import render_prompt
 
 
 @pytest.fixture(scope="module")
-def small_cfg(tmp_path_factory):
-    return BootstrapConfig(
-        out=str(tmp_path_factory.mktemp("policy")),
-        arith=ArithConfig(min_steps=1, max_steps=2, ops="+", num_validation=50),
-        model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                         max_position_embeddings=128),
-        train_problems=500, steps=60, batch_size=16, lr=1e-2,
-        eval=EvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
-    )
+def small_cfg(tiny_trained_policy):
+    return tiny_trained_policy[0]
 
 
 @pytest.fixture(scope="module")
-def card(small_cfg):
-    return bootstrap(small_cfg, progress=False)
+def card(tiny_trained_policy):
+    return tiny_trained_policy[1]
 
 
 def test_training_lowers_the_loss_and_records_everything(card, small_cfg):
@@ -60,3 +52,19 @@ def test_finished_policy_is_reused_not_retrained(card, small_cfg):
     assert again["metrics"] == card["metrics"]
     assert (Path(small_cfg.out) / "bootstrap_config.yaml").exists()
     assert json.loads((Path(small_cfg.out) / POLICY_CARD).read_text())["seed"] == 0
+
+
+def test_temperature_calibration_picks_the_candidate_closest_to_target(tiny_trained_policy, tmp_path):
+    from dataclasses import replace
+
+    from prm_ray.bootstrap import calibrate_temperature
+    from prm_ray.tasks.arith import ArithTask
+
+    cfg = tiny_trained_policy[0]
+    tok = AutoTokenizer.from_pretrained(cfg.out)
+    model = AutoModelForCausalLM.from_pretrained(cfg.out).eval()
+    ecfg = replace(cfg.eval, temperature=None, calibration_temperatures=[0.3, 3.0],
+                   calibration_problems=4, samples=2, target_pass1=0.0)
+    chosen, table = calibrate_temperature(model, tok, ArithTask(cfg.arith), ecfg)
+    assert [row["temperature"] for row in table] == [0.3, 3.0]
+    assert chosen == min(table, key=lambda r: r["pass@1"])["temperature"]
