@@ -32,20 +32,6 @@ def tiny_prm_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def vllm_tiny_policy(tiny_policy_path):
-    """One vLLM engine over the tiny policy for the whole session (start-up is ~20-60 s on CPU)."""
-    import os
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    llm = LLM(model=tiny_policy_path, dtype="float32", enforce_eager=True, max_model_len=256,
-              seed=0, max_num_seqs=64)
-    yield llm
-    del llm
-
-
-@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the session (start-up is seconds; per-test clusters would dominate)."""
     import ray

@@ -1,11 +1,28 @@
 """The policy artefacts are ordinary HF files: vLLM loads them and agrees with transformers."""
 
+import gc
+import os
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vllm import SamplingParams
+from vllm import LLM, SamplingParams
 
 from prm_ray.policy import render_prompt
 from prm_ray.reward import response_logprobs
+
+
+@pytest.fixture(scope="module")
+def vllm_tiny_policy(tiny_policy_path):
+    """One in-process vLLM engine for this module, shut down afterwards: an idle engine keeps
+    polling and would take CPU from the (niced) Ray workers of later tests."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    llm = LLM(model=tiny_policy_path, dtype="float32", enforce_eager=True, max_model_len=256,
+              seed=0, max_num_seqs=64)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
 
 
 def test_vllm_prompt_logprobs_match_transformers(tiny_policy_path, vllm_tiny_policy):

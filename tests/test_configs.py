@@ -1,0 +1,18 @@
+"""The shipped YAML configs load into the typed configs (no unknown or mistyped fields)."""
+
+from pathlib import Path
+
+import pytest
+
+from prm_ray.config import from_dict, load_yaml
+from prm_ray.rollout import RolloutConfig
+from prm_ray.train import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name,cls", [("llama3-8b-math-rollout.yaml", RolloutConfig),
+                                      ("llama3-8b-math-train.yaml", TrainConfig)])
+def test_shipped_config_is_valid(name, cls):
+    cfg = from_dict(cls, load_yaml(CONFIGS / name))
+    assert "Llama-3.1-8B-Instruct" in cfg.model
