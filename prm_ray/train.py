@@ -70,7 +70,10 @@ class TrainConfig:
     kto_undesirable_weight: float = 1.0
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # Training workers must leave CPUs for Ray Data's ingest tasks: if they reserve every CPU,
+    # the dataset can never be read and the run hangs. 2 workers x 0.5 fit a 2-core laptop
+    # (threads_per_worker sets the actual torch threads).
+    cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0  # only with use_gpu
     accelerator_type: str | None = None
     strategy: str = "ddp"  # ddp | fsdp (big models on GPUs)
@@ -375,7 +378,8 @@ def train_loop_per_worker(config: dict) -> None:
             now = time.time()
             metrics = _reduce_stats(acc_stats, world, dist)
             metrics.update(step=step, epoch=epoch, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=metrics.pop("tokens") / max(now - t_last, 1e-9), time=now)
+                           tokens_per_s=metrics.pop("tokens") / max(now - t_last, 1e-9), time=now,
+                           peak_rss_mb_max_worker=_peak_rss_mb(world, dist))
             t_last = now
             acc_stats = []
             if rank == 0:
@@ -391,6 +395,18 @@ def train_loop_per_worker(config: dict) -> None:
         if step < total_steps and micro == 0:
             raise RuntimeError(f"worker {rank} got no batches: {rows_total} rows are too few for "
                                f"micro_batch_size {cfg.micro_batch_size} x {world} workers")
+
+
+def _peak_rss_mb(world: int, dist) -> float:
+    """The largest peak resident memory of any worker process so far, in MB."""
+    import resource
+
+    import torch
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
 
 
 def _full_state_dict(model, strategy: str) -> dict | None:
@@ -491,6 +507,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
         if stale.exists() and not (out / "ray").exists():
             stale.unlink()
 
+    _warn_if_ingest_starves(cfg)
     scaling = ScalingConfig(
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, accelerator_type=cfg.accelerator_type,
         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
@@ -532,6 +549,21 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     report["reused"] = False
     return report
+
+
+def _warn_if_ingest_starves(cfg: TrainConfig) -> None:
+    """Training workers holding every CPU leave none for reading the dataset: a silent hang."""
+    import logging
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    wanted = cfg.num_workers * cfg.cpus_per_worker
+    if total and wanted >= total:
+        logging.getLogger(__name__).warning(
+            "num_workers x cpus_per_worker = %s reserves all %s CPUs of the cluster; Ray Data needs "
+            "some to read the training set and the run will wait until the autoscaler adds a node. "
+            "Lower cpus_per_worker (threads_per_worker sets torch threads independently).", wanted, total)
 
 
 def _permutation(n: int, seed: int) -> list[int]:

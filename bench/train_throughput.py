@@ -1,0 +1,178 @@
+"""Training throughput: the Ray Train path against a plain single-process PyTorch loop, in one run.
+
+    python bench/train_throughput.py            # default policy and a ~25M model (about 10 min)
+    python bench/train_throughput.py --quick    # a smoke run
+
+For each model: the same CE examples (arith reference solutions and corrupted copies), the same
+micro-batch, bf16 autocast, and the same per-micro-batch code (`prm_ray.train._micro_batch_loss`).
+Measured:
+- plain loop tokens/s (2 threads, one process);
+- Ray Train tokens/s with 1 worker x 2 threads (Ray's overhead against the plain loop) and with
+  2 workers x 1 thread (DDP over gloo);
+- the plain loop when it also runs the reference model every step, as the paper's code does
+  (what precomputing reference log-probs saves);
+- achieved FLOP/s (6 x params x tokens/s) as a fraction of the bf16 matmul peak measured here;
+- peak resident memory per worker.
+Writes bench/results/train_throughput.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prm_ray.policy import ModelShape, build_char_tokenizer  # noqa: E402
+from prm_ray.prm import max_context, pad_token_id  # noqa: E402
+from prm_ray.rollout import SCHEMA  # noqa: E402
+from prm_ray.tasks.arith import ArithTask  # noqa: E402
+from prm_ray.train import TrainConfig, _micro_batch_loss, train_prm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG = ModelShape(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376,
+                 max_position_embeddings=512)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def synthetic_rollouts(path: Path, n_instructions: int) -> None:
+    """Rollout-format Parquet: per instruction the reference solution (correct) and a copy with
+    one step's result changed (incorrect), so lengths are those of real responses."""
+    task = ArithTask(num_train=n_instructions)
+    rng = random.Random(0)
+    rows = []
+    for inst in task.instructions("train"):
+        sol = inst.meta["solution"]
+        steps = sol.split("\n\n")
+        k = rng.randrange(len(steps) - 1)
+        head, _, val = steps[k].rpartition("= ")
+        steps[k] = f"{head}= {(int(val) + 1) % 10}"
+        for j, (resp, ok) in enumerate([(sol, True), ("\n\n".join(steps), False)]):
+            rows.append({"instruction_id": inst.id, "prompt": inst.prompt, "response": resp, "sample_index": j,
+                         "gold_answer": inst.answer, "extracted_answer": inst.answer, "correct": ok,
+                         "verify_status": "ok", "num_tokens": len(resp) + 1, "cumulative_logprob": 0.0,
+                         "finish_reason": "stop", "model": "bench", "seed": j})
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path / "data" / "shard-000000.parquet")
+
+
+def plain_loop(model_dir: str, examples: list[dict], micro: int, steps: int, with_ref: bool) -> dict:
+    """Single process, 2 threads: the same micro-batch code as a Ray Train worker."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval() if with_ref else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg = TrainConfig(micro_batch_size=micro, global_batch_size=micro, num_workers=1)
+    ml, pad = max_context(model), pad_token_id(tok)
+    dev = torch.device("cpu")
+    rates = []
+    for step in range(steps):
+        rows = {k: [e[k] for e in examples[step * micro:(step + 1) * micro]] for k in examples[0]}
+        t0 = time.perf_counter()
+        if ref is not None:  # what the paper's trainer does on every step
+            from prm_ray.train import _sequence_logp
+
+            with torch.no_grad():
+                lp, _ = _sequence_logp(ref, tok, rows["prompt"], rows["response"], ml, pad, dev, True)
+            rows["ref_logp"] = lp.tolist()
+        loss, stats = _micro_batch_loss(model, tok, rows, cfg, ml, pad, dev, True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(stats["tokens"] / (time.perf_counter() - t0))
+    return {"tokens_per_s": statistics.median(rates[2:]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def ray_run(model_dir: str, data: Path, out: Path, micro: int, steps: int, workers: int, threads: int) -> dict:
+    cfg = TrainConfig(data=str(data), model=model_dir, out=str(out), global_batch_size=micro * workers,
+                      micro_batch_size=micro, num_workers=workers, cpus_per_worker=1.0 / workers,
+                      threads_per_worker=threads, max_steps=steps, checkpoint_every=10**6, warmup_ratio=0.0)
+    report = train_prm(cfg, progress=False)
+    hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist[2:]),
+            "peak_rss_mb_max_worker": max(h["peak_rss_mb_max_worker"] for h in hist),
+            "reference_pass_s": report["timings"]["reference_pass_s"], "train_s": report["timings"]["train_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
+    args = ap.parse_args()
+    steps = 6 if args.quick else 24
+    micro = 16
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    results = {"machine": "2 cores, no GPU", "date": time.strftime("%Y-%m-%d"), "steps": steps,
+               "micro_batch": micro, "matmul_peak_flops": peak, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "rollouts"
+        synthetic_rollouts(data, n_instructions=micro * steps)
+        big_dir = tmp / "big"
+        torch.manual_seed(0)
+        LlamaForCausalLM(BIG.to_config()).save_pretrained(big_dir)
+        build_char_tokenizer().save_pretrained(big_dir)
+        models = {"default policy": str(ROOT / "artifacts" / "policy"), "25M": str(big_dir)}
+        examples = [r for r in pq.read_table(data / "data").to_pylist()]
+        random.Random(0).shuffle(examples)
+        examples = [{"prompt": e["prompt"], "response": e["response"], "label": int(e["correct"]),
+                     "ref_logp": 0.0} for e in examples]
+        for name, path in models.items():
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+            print(f"== {name}: {params / 1e6:.2f}M params", flush=True)
+            r = {"params": params}
+            r["plain"] = plain_loop(path, examples, micro, steps, with_ref=False)
+            r["plain_with_ref_every_step"] = plain_loop(path, examples, micro, steps, with_ref=True)
+            r["ray_1x2"] = ray_run(path, data, tmp / f"{name}-1", micro, steps, workers=1, threads=2)
+            r["ray_2x1"] = ray_run(path, data, tmp / f"{name}-2", micro, steps, workers=2, threads=1)
+            for key in ("plain", "ray_1x2", "ray_2x1"):
+                r[key]["flops_fraction_of_bf16_peak"] = 6 * params * r[key]["tokens_per_s"] / peak["bf16"]
+            r["ray_overhead_1x2"] = 1 - r["ray_1x2"]["tokens_per_s"] / r["plain"]["tokens_per_s"]
+            r["ray_overhead_2x1"] = 1 - r["ray_2x1"]["tokens_per_s"] / r["plain"]["tokens_per_s"]
+            r["precomputed_ref_speedup"] = r["plain"]["tokens_per_s"] / r["plain_with_ref_every_step"]["tokens_per_s"]
+            results["models"][name] = r
+            print(json.dumps(r, indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nbf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s\n")
+    print("| model | params | plain tok/s | Ray 1x2 tok/s (overhead) | Ray 2x1 tok/s (overhead) | "
+          "FLOP/s / bf16 peak (plain) | ref every step: slowdown | peak RSS/worker MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results["models"].items():
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['plain']['tokens_per_s']:.0f} | "
+              f"{r['ray_1x2']['tokens_per_s']:.0f} ({r['ray_overhead_1x2']:+.0%}) | "
+              f"{r['ray_2x1']['tokens_per_s']:.0f} ({r['ray_overhead_2x1']:+.0%}) | "
+              f"{r['plain']['flops_fraction_of_bf16_peak']:.1%} | {r['precomputed_ref_speedup']:.2f}x | "
+              f"{r['ray_2x1']['peak_rss_mb_max_worker']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
