@@ -107,7 +107,6 @@ def train_policy(cfg: BootstrapConfig, progress: bool = True) -> tuple[LlamaForC
     rng = random.Random(cfg.seed)
     torch.set_num_threads(cfg.threads)
     tokenizer = build_char_tokenizer()
-    task = ArithTask(cfg.arith)
     # The SFT problems come from the train split but are not capped by arith.num_train, which
     # sizes the rollout sets of later stages.
     sft_task = ArithTask(ArithConfig(**{**vars(cfg.arith), "num_train": cfg.train_problems}))

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_ARITH
 
 from prm_ray.config import ConfigError
-from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts, summarize
+from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
 from prm_ray.tasks.arith import ArithConfig, ArithTask
 
 
