@@ -1,0 +1,647 @@
+"""Rollout throughput: the Ray/vLLM pipeline against plain `transformers` `generate`, in one run.
+
+    .venv/bin/python bench/rollout_throughput.py            # full run (~7 min on 2 idle cores)
+    .venv/bin/python bench/rollout_throughput.py --quick    # smoke run (~3 min)
+
+What one run measures (see docs/bench_rollout.md for the interpretation):
+
+1. the machine's matmul peak (2048x2048 fp32 and bf16, torch, 2 threads);
+2. `transformers` `generate` (batched, sampling, fp32 and bf16) on the default policy
+   (artifacts/policy) and on a ~25M-parameter Llama of the same architecture (random init);
+3. the real pipeline, `prm_ray.rollout.run_rollouts(RolloutConfig(...))`, on the same prompts
+   (task arith, split validation), N, temperature and max tokens, for several engine settings;
+4. the driver's peak RSS for 1,000 vs 10,000 instructions (one subprocess per size).
+
+Workload, identical for both engines of one model size: the first `--prompts` (default policy) or
+`--prompts-big` (25M model) validation prompts, `--n` samples each, the policy card's rollout
+temperature, top_p 1, top_k off, `--max-tokens`.
+The default policy stops at its own EOS. The random-init 25M model has no EOS behaviour worth the
+name, so every (prompt, sample) gets a fixed length taken from the default policy's measured
+response lengths in this run (its `generate` fp32 run, EOS included): vLLM gets
+`min_tokens = max_tokens = L` per request, `generate` gets EOS suppressed and a per-row stopping
+criterion at L. Both engines then produce exactly the same variable-length token counts.
+
+The pipeline is run unchanged; `sampler_cls` is a thin subclass of `VLLMSampler` that (a) sets
+vLLM CPU environment variables in the actor before the engine starts (thread binding), (b) records
+when the actor's construction started and ended (to separate start-up from steady-state wall
+time), (c) for the 25M model only, rewrites each request's `max_tokens`/`min_tokens` to its L, and
+(d) for one diagnostic run on the default policy only, drops the per-sample seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POLICY = ROOT / "artifacts" / "policy"
+BIND_ENV = {
+    # vLLM's default on CPU: bind the model worker's OpenMP threads to all cores but one, which is
+    # reserved for the engine-core (scheduler) process. On 2 cores: the model runs on 1 core.
+    "auto": {},
+    # No reserved core: the model worker's OpenMP threads use both cores.
+    "all": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def loadavg() -> list[float]:
+    """1/5/15-min load averages and the CPU pressure (PSI 'some' avg10, % of time that some task
+    waited for a CPU): on a shared 2-core machine, what else competed with this run."""
+    out = [round(x, 2) for x in os.getloadavg()]
+    try:
+        some = open("/proc/pressure/cpu").readline().split()
+        out.append(float(some[1].split("=")[1]))
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def matmul_peak(size: int, reps: int) -> dict:
+    """Best and median GFLOP/s of a square matmul, fp32 and bf16."""
+    import torch
+
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        flop = 2 * size**3
+        out[name] = {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
+                     "reps": reps, "size": size}
+    return out
+
+
+def build_25m(path: Path, hidden: int, layers: int, heads: int, inter: int, seed: int) -> int:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from prm_ray.policy import ModelShape, build_char_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_char_tokenizer()
+    shape = ModelShape(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
+                       max_position_embeddings=256)
+    model = LlamaForCausalLM(shape.to_config(vocab_size=len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_params(model_dir: Path) -> int:
+    from transformers import LlamaForCausalLM
+
+    return sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def length_stats(lengths: list[int], max_tokens: int) -> dict:
+    s = sorted(lengths)
+    return {"count": len(s), "mean": statistics.mean(s), "median": statistics.median(s),
+            "p10": s[int(0.1 * (len(s) - 1))], "p90": s[int(0.9 * (len(s) - 1))], "min": s[0], "max": s[-1],
+            "hit_max_tokens": sum(x >= max_tokens for x in s)}
+
+
+# --------------------------------------------------------------------------------------------
+# Plain transformers generate
+# --------------------------------------------------------------------------------------------
+
+
+def hf_generate(model_dir: Path, dtype: str, prompts: list[str], n: int, max_tokens: int, temperature: float,
+                batch_seqs: int, forced: list[list[int]] | None, seed: int) -> dict:
+    """Batched sampling with `generate` (left padding, num_return_sequences=n).
+
+    `forced[i][j]`: exact length of sample j of prompt i (EOS suppressed, per-row stop at that
+    length). Without it, sequences stop at their own EOS (counted) or at max_tokens.
+    Returns per-(prompt, sample) lengths and the time spent inside `generate`.
+    """
+    import torch
+    from transformers import (AutoTokenizer, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList,
+                              StoppingCriteria, StoppingCriteriaList)
+
+    from prm_ray.policy import render_prompt
+
+    class SuppressToken(LogitsProcessor):
+        def __init__(self, token_id: int) -> None:
+            self.token_id = token_id
+
+        def __call__(self, input_ids, scores):
+            scores[:, self.token_id] = -float("inf")
+            return scores
+
+    class RowLengths(StoppingCriteria):
+        def __init__(self, lengths: torch.Tensor, width: int) -> None:
+            self.lengths, self.width = lengths, width
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids.shape[1] - self.width) >= self.lengths
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    t0 = time.time()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    load_s = time.time() - t0
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    texts = [render_prompt(tok, p) for p in prompts]
+    common = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, pad_token_id=pad,
+                  eos_token_id=eos)
+    with torch.inference_mode():
+        enc = tok(texts[:1], add_special_tokens=False, return_tensors="pt")
+        t0 = time.time()
+        model.generate(**enc, max_new_tokens=4, **common)  # warm-up, not timed
+        warmup_s = time.time() - t0
+        torch.manual_seed(seed)
+        per_batch = max(1, batch_seqs // n)
+        lengths: list[list[int]] = []
+        gen_s = cpu_s = 0.0
+        for start in range(0, len(texts), per_batch):
+            chunk = texts[start : start + per_batch]
+            enc = tok(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
+            width = enc["input_ids"].shape[1]
+            extra: dict = {"max_new_tokens": max_tokens}
+            if forced is not None:
+                rows = torch.tensor([forced[start + i][j] for i in range(len(chunk)) for j in range(n)])
+                extra = {"max_new_tokens": int(rows.max()),
+                         "logits_processor": LogitsProcessorList([SuppressToken(eos)]),
+                         "stopping_criteria": StoppingCriteriaList([RowLengths(rows, width)])}
+            t0, c0 = time.perf_counter(), time.process_time()
+            seqs = model.generate(**enc, num_return_sequences=n, **common, **extra)
+            gen_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
+            new = seqs[:, width:].tolist()
+            for r, ids in enumerate(new):
+                if forced is not None:
+                    length = forced[start + r // n][r % n]
+                    assert eos not in ids[:length]
+                else:
+                    length = ids.index(eos) + 1 if eos in ids else len(ids)
+                if r % n == 0:
+                    lengths.append([])
+                lengths[-1].append(length)
+    tokens = sum(map(sum, lengths))
+    del model
+    return {"engine": "generate", "dtype": dtype, "load_s": load_s, "warmup_s": warmup_s,
+            "generate_s": gen_s, "cpu_s": cpu_s, "cores_used": cpu_s / gen_s, "tokens": tokens,
+            "sequences": len(prompts) * n,
+            "tok_s": tokens / gen_s, "batch_seqs": min(per_batch, len(prompts)) * n, "lengths": lengths}
+
+
+# --------------------------------------------------------------------------------------------
+# The real pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def make_sampler(env: dict, side_file: str, lengths_file: str | None, strip_seeds: bool):
+    """A `VLLMSampler` subclass; see the module docstring for what it changes (nothing on the
+    default path but environment variables and a side file with construction timestamps)."""
+    from prm_ray.rollout import VLLMSampler
+
+    class BenchSampler(VLLMSampler):
+        def __init__(self, *args, **kwargs):
+            t_start = time.time()
+            os.environ.update(env)
+            super().__init__(*args, **kwargs)
+            lengths = None
+            if lengths_file:
+                with open(lengths_file) as f:
+                    lengths = {int(k): v for k, v in json.load(f).items()}
+            if lengths is not None or strip_seeds:
+                real = self.llm.generate
+
+                def generate(requests, params, **kw):
+                    from vllm import SamplingParams
+
+                    new = []
+                    for p in params:
+                        length = lengths[p.seed] if lengths is not None else p.max_tokens
+                        new.append(SamplingParams(
+                            n=1, temperature=p.temperature, top_p=p.top_p, max_tokens=length,
+                            min_tokens=length if lengths is not None else 0,
+                            seed=None if strip_seeds else p.seed, logprobs=p.logprobs))
+                    return real(requests, new, **kw)
+
+                self.llm.generate = generate
+            with open(side_file, "w") as f:
+                json.dump({"init_start": t_start, "init_end": time.time(), "llm_startup_s": self.startup_s,
+                           "pid": os.getpid()}, f)
+
+    return BenchSampler
+
+
+@dataclass
+class VllmRun:
+    name: str
+    model: str  # "default" | "25m"
+    dtype: str
+    bind: str
+    shard_size: int
+    max_num_seqs: int
+    strip_seeds: bool = False
+    note: str = ""
+
+
+def pipeline_run(spec: VllmRun, model_dir: Path, args, temperature: float, work: Path,
+                 lengths_file: Path | None) -> dict:
+    import pyarrow.parquet as pq
+
+    from prm_ray.rollout import EngineConfig, RolloutConfig, SamplingConfig, run_rollouts
+
+    out = work / f"rollouts-{spec.name}"
+    side = work / f"side-{spec.name}.json"
+    cfg = RolloutConfig(
+        model=str(model_dir), out=str(out), task="arith", split="validation",
+        limit=args.prompts if spec.model == "default" else args.prompts_big,
+        shard_size=spec.shard_size,
+        sampling=SamplingConfig(n=args.n, temperature=temperature, max_tokens=args.max_tokens, seed=0),
+        engine=EngineConfig(dtype=spec.dtype, max_num_seqs=spec.max_num_seqs, cpu_kvcache_gb=args.kvcache_gb),
+        progress=False,
+    )
+    sampler = make_sampler(BIND_ENV[spec.bind], str(side),
+                           str(lengths_file) if spec.model == "25m" else None, spec.strip_seeds)
+    t0 = time.time()
+    summary = run_rollouts(cfg, sampler_cls=sampler)
+    t1 = time.time()
+    sidedata = json.loads(side.read_text())
+    r = summary["this_run"]
+    table = pq.read_table(out / "data", columns=["num_tokens", "finish_reason"]).to_pydict()
+    tokens = r["generated_tokens"]
+    steady_s = t1 - sidedata["init_end"]
+    return {
+        "engine": "pipeline (vLLM)", **asdict(spec), "sequences": summary["responses"], "tokens": tokens,
+        "tok_s": r["generated_tokens_per_s"],  # per second of engine busy time (llm.generate)
+        "wall_tok_s_excl_startup": tokens / (r["wall_seconds"] - r["engine_startup_seconds"]),
+        "wall_tok_s_after_ready": tokens / steady_s,
+        "engine_startup_s": r["engine_startup_seconds"],
+        "actor_init_s": sidedata["init_end"] - sidedata["init_start"],  # process: imports+tokenizer+LLM()
+        "actor_scheduled_after_s": sidedata["init_start"] - t0,
+        "wall_s": r["wall_seconds"], "driver_wall_s": t1 - t0, "generate_s": r["generate_seconds"],
+        "verify_s": r["verify_seconds"], "steady_wall_s": steady_s,
+        "shards": r["shards_done"], "finish_reason": {k: table["finish_reason"].count(k)
+                                                       for k in set(table["finish_reason"])},
+        "pass@1": summary["pass@1"], "temperature": summary["temperature"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver memory (one subprocess per size)
+# --------------------------------------------------------------------------------------------
+
+
+def vm_hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mem_child(args) -> None:
+    """Run the shipped pipeline on `--mem-child` train instructions; print the driver's RSS."""
+    import psutil
+
+    proc = psutil.Process()
+    peak = {"rss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    import ray
+
+    from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    before = proc.memory_info().rss
+    hwm_before = vm_hwm_mb()
+    cfg = RolloutConfig(model=str(DEFAULT_POLICY), out=args.mem_out, task="arith", split="train",
+                        limit=args.mem_child, shard_size=args.mem_shard_size,
+                        sampling=SamplingConfig(n=1, max_tokens=args.mem_max_tokens, seed=0), progress=False)
+    t0 = time.time()
+    summary = run_rollouts(cfg)
+    wall = time.time() - t0
+    stop.set()
+    thread.join()
+    print("MEMRESULT " + json.dumps({
+        "instructions": args.mem_child, "responses": summary["responses"], "shards": summary["this_run"]["shards_done"],
+        "rss_before_run_mb": before / 2**20, "rss_peak_sampled_mb": peak["rss"] / 2**20,
+        # VmHWM: the kernel's exact peak RSS of this process image; unlike ru_maxrss it is not
+        # inherited from the (large) parent's image across fork+exec.
+        "vm_hwm_before_run_mb": hwm_before, "vm_hwm_mb": vm_hwm_mb(),
+        "wall_s": wall, "engine_startup_s": summary["this_run"]["engine_startup_seconds"],
+    }), flush=True)
+    ray.shutdown()
+
+
+def mem_parent(size: int, args, work: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", str(size),
+           "--mem-out", str(work / f"mem-{size}"), "--mem-shard-size", str(args.mem_shard_size),
+           "--mem-max-tokens", str(args.mem_max_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMRESULT "):
+            return json.loads(line[len("MEMRESULT "):])
+    raise RuntimeError(f"memory child for {size} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(res: dict) -> str:
+    peak = res["matmul"]["bfloat16"]["best_gflops"]
+    lines = [
+        "| model | engine | dtype | settings | seqs | tokens | tok/s (busy) | wall tok/s excl. start-up "
+        "| wall tok/s after ready | start-up s | vs best generate | GFLOP/s | % bf16 peak | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in ("default", "25m"):
+        info = res["models"][size]
+        rows = [r for r in res["runs"] if r["model"] == size]
+        best_hf = max((r["tok_s"] for r in rows if r["engine"] == "generate"), default=None)
+        for r in rows:
+            gflops = 2 * info["params"] * r["tok_s"] / 1e9
+            if r["engine"] == "generate":
+                settings = f"batch {r['batch_seqs']} seqs"
+                wall_ex, wall_ready, start = f"{r['tok_s']:,.0f}", f"{r['tok_s']:,.0f}", f"load {r['load_s']:.1f}"
+            else:
+                settings = (f"bind {r['bind']}, shard {r['shard_size']}, max_num_seqs {r['max_num_seqs']}"
+                            + (", no per-sample seeds" if r["strip_seeds"] else ""))
+                wall_ex = f"{r['wall_tok_s_excl_startup']:,.0f}"
+                wall_ready = f"{r['wall_tok_s_after_ready']:,.0f}"
+                start = f"{r['engine_startup_s']:.1f} (actor {r['actor_init_s']:.1f})"
+            ratio = f"{r['tok_s'] / best_hf:.2f}x" if best_hf else "-"
+            lines.append(
+                f"| {info['label']} | {r['engine']} | {r['dtype']} | {settings} | {r['sequences']} | "
+                f"{r['tokens']:,} | {r['tok_s']:,.0f} | {wall_ex} | {wall_ready} | {start} | {ratio} | "
+                f"{gflops:.1f} | {100 * gflops / peak:.1f}% | {r['loadavg'][0][0]:.1f} |")
+    lines.append("")
+    mm = res["matmul"]
+    lines.append(f"Matmul peak ({mm['float32']['size']}^2, best of {mm['float32']['reps']}): "
+                 f"fp32 {mm['float32']['best_gflops']:.0f} GFLOP/s, bf16 {mm['bfloat16']['best_gflops']:.0f} GFLOP/s.")
+    if res.get("memory"):
+        lines += ["", "| driver, n=1 | instructions | shards | RSS before run MB | peak RSS MB (VmHWM) "
+                  "| peak RSS MB (sampled) | wall s |", "|---|---|---|---|---|---|---|"]
+        for m in res["memory"]:
+            lines.append(f"| run_rollouts | {m['instructions']:,} | {m['shards']} | {m['rss_before_run_mb']:.0f} | "
+                         f"{m['vm_hwm_mb']:.0f} | {m['rss_peak_sampled_mb']:.0f} | {m['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke run with small sizes")
+    p.add_argument("--prompts", type=int, default=64, help="validation prompts (both model sizes)")
+    p.add_argument("--prompts-big", type=int, default=16,
+                   help="validation prompts for the ~25M model (the first ones of --prompts)")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=160, help="max new tokens (the policy card's value)")
+    p.add_argument("--hf-batch", type=int, default=256, help="generate batch size in sequences")
+    p.add_argument("--hf-dtypes", default="float32,bfloat16")
+    p.add_argument("--shard-size", type=int, default=32, help="pipeline shard size (instructions)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kvcache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per engine")
+    p.add_argument("--bind", choices=sorted(BIND_ENV), default="all",
+                   help="vLLM thread binding for the main runs (the other one is run as a comparison)")
+    p.add_argument("--runs", default=None, help="comma-separated pipeline run names (default: all; "
+                   "--quick: default-fp32-auto and 25m-bf16-<bind>)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (25M model, rollout outputs)")
+    p.add_argument("--big", default="512,8,8,1376", help="hidden,layers,heads,intermediate of the ~25M model")
+    p.add_argument("--mem-sizes", default="1000,10000", help="driver-memory runs ('' to skip)")
+    p.add_argument("--mem-shard-size", type=int, default=100)
+    p.add_argument("--mem-max-tokens", type=int, default=8)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-reps", type=int, default=10)
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/rollout_throughput[_quick].json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mem-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mem-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.prompts_big, args.hf_batch, args.shard_size = 8, 4, 64, 8
+        args.mem_sizes, args.mem_shard_size, args.matmul_reps = "100,1000", 100, 4
+    return args
+
+
+def vllm_runs(args) -> list[VllmRun]:
+    b, other = args.bind, ("auto" if args.bind == "all" else "all")
+    s, m = args.shard_size, args.max_num_seqs
+    runs = [
+        VllmRun("default-fp32-auto", "default", "float32", "auto", s, m, note="as shipped (dtype auto = fp32)"),
+        VllmRun("default-fp32-auto-noseed", "default", "float32", "auto", s, m, strip_seeds=True,
+                note="diagnostic: per-sample seeds dropped"),
+        VllmRun(f"default-fp32-{b}", "default", "float32", b, s, m),
+        VllmRun(f"25m-fp32-{b}", "25m", "float32", b, s, m),
+        VllmRun(f"25m-bf16-{b}", "25m", "bfloat16", b, s, m),
+        VllmRun(f"25m-bf16-{other}", "25m", "bfloat16", other, s, m),
+        VllmRun(f"25m-bf16-{b}-seqs64", "25m", "bfloat16", b, s, 64, note="smaller running batch"),
+    ]
+    # The default list (what a full run measures); the others can be asked for with --runs.
+    default_names = ["default-fp32-auto", "default-fp32-auto-noseed", f"25m-fp32-{b}", f"25m-bf16-{b}",
+                     f"25m-bf16-{other}"]
+    if args.runs:
+        wanted = args.runs.split(",")
+        runs = [r for r in runs if r.name in wanted]
+        missing = set(wanted) - {r.name for r in runs}
+        if missing:
+            raise SystemExit(f"unknown --runs {sorted(missing)}")
+    elif args.quick:
+        runs = [runs[0], runs[4]]
+    else:
+        runs = [r for r in runs if r.name in default_names]
+    seen, unique = set(), []
+    for r in runs:
+        if r.name not in seen:
+            seen.add(r.name)
+            unique.append(r)
+    return unique
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.mem_child is not None:
+        mem_child(args)
+        return {}
+    t_start = time.time()
+    out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        "rollout_throughput_quick.json" if args.quick else "rollout_throughput.json")
+    import torch
+    import transformers
+    import vllm  # noqa: F401  (version only; the engines run in Ray actors)
+
+    from prm_ray.rollout import sample_seed
+    from prm_ray.tasks.arith import ArithConfig, ArithTask
+
+    res: dict = {
+        "command": " ".join([".venv/bin/python", "bench/rollout_throughput.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                    "gpu": False, "loadavg_start": loadavg()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "vllm": vllm.__version__, "python": platform.python_version()},
+        "args": vars(args),
+    }
+    try:
+        res["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                                     if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    torch.set_num_threads(os.cpu_count() or 1)
+    log("matmul microbenchmark")
+    res["matmul"] = matmul_peak(args.matmul_size, args.matmul_reps)
+    log(json.dumps({k: round(v["best_gflops"]) for k, v in res["matmul"].items()}))
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    big_dir = work / "llama-25m"
+    hidden, layers, heads, inter = map(int, args.big.split(","))
+    big_params = build_25m(big_dir, hidden, layers, heads, inter, args.seed)
+    card = json.loads((DEFAULT_POLICY / "prm_ray_policy.json").read_text())
+    temperature = float(card["rollout_temperature"])
+    res["models"] = {
+        "default": {"label": "default 1.35M", "path": str(DEFAULT_POLICY), "params": count_params(DEFAULT_POLICY),
+                    "shape": "hidden 192, 3 layers, 3 heads of 64, intermediate 512"},
+        "25m": {"label": f"{big_params / 1e6:.1f}M random", "path": str(big_dir), "params": big_params,
+                "shape": f"hidden {hidden}, {layers} layers, {heads} heads of {hidden // heads}, "
+                         f"intermediate {inter}, vocab 100, tied embeddings"},
+    }
+    log(f"models: default {res['models']['default']['params']:,} params; 25M {big_params:,} params")
+    insts = list(ArithTask(ArithConfig()).instructions("validation", limit=args.prompts))
+    prompts = [i.prompt for i in insts]
+    res["workload"] = {"task": "arith", "split": "validation", "prompts_default": len(prompts),
+                       "prompts_25m": args.prompts_big, "n": args.n,
+                       "temperature": temperature, "top_p": 1.0, "max_tokens": args.max_tokens}
+    runs: list[dict] = []
+    res["runs"] = runs
+
+    def save() -> None:  # after every measurement, so a crash keeps what was measured
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2))
+
+    # 1. plain generate (before Ray starts, so nothing else of ours competes for the 2 cores)
+    lengths = None
+    for dtype in args.hf_dtypes.split(","):
+        log(f"generate default {dtype}")
+        la = loadavg()
+        r = hf_generate(DEFAULT_POLICY, dtype, prompts, args.n, args.max_tokens, temperature, args.hf_batch,
+                        None, args.seed)
+        if lengths is None:
+            lengths = r["lengths"]
+            res["length_distribution"] = {"source": f"default policy, generate {dtype}",
+                                          **length_stats([x for row in lengths for x in row], args.max_tokens)}
+        runs.append({"model": "default", **{k: v for k, v in r.items() if k != "lengths"},
+                     "loadavg": [la, loadavg()]})
+        log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
+            f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
+        save()
+    for dtype in args.hf_dtypes.split(","):
+        log(f"generate 25M {dtype}")
+        la = loadavg()
+        r = hf_generate(big_dir, dtype, prompts[: args.prompts_big], args.n, args.max_tokens, temperature,
+                        args.hf_batch, lengths[: args.prompts_big], args.seed)
+        runs.append({"model": "25m", **{k: v for k, v in r.items() if k != "lengths"},
+                     "loadavg": [la, loadavg()]})
+        log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
+            f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
+        save()
+    lengths_file = work / "lengths_by_seed.json"
+    lengths_file.write_text(json.dumps({
+        str(sample_seed(args.seed, inst.id, j)): lengths[i][j]
+        for i, inst in enumerate(insts[: args.prompts_big]) for j in range(args.n)
+    }))
+    res["length_distribution_25m"] = length_stats([x for row in lengths[: args.prompts_big] for x in row],
+                                                  args.max_tokens)
+
+    # 2. the pipeline
+    import ray
+
+    t0 = time.time()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    res["ray_init_s"] = time.time() - t0
+    for spec in vllm_runs(args):
+        log(f"pipeline {spec.name}")
+        model_dir = DEFAULT_POLICY if spec.model == "default" else big_dir
+        la = loadavg()
+        try:
+            r = pipeline_run(spec, model_dir, args, temperature, work, lengths_file)
+        except Exception as exc:  # record and go on: one failing setting must not lose the rest
+            log(f"  FAILED: {exc!r}")
+            res.setdefault("failures", []).append({"run": spec.name, "error": repr(exc)[:2000]})
+            continue
+        r["loadavg"] = [la, loadavg()]
+        runs.append(r)
+        log(f"  {r['tokens']:,} tokens; busy {r['tok_s']:,.0f} tok/s; wall excl. start-up "
+            f"{r['wall_tok_s_excl_startup']:,.0f}; after ready {r['wall_tok_s_after_ready']:,.0f}; "
+            f"engine start-up {r['engine_startup_s']:.1f}s (actor init {r['actor_init_s']:.1f}s); "
+            f"finish {r['finish_reason']}; load {r['loadavg']}")
+        save()
+        time.sleep(2)  # let the engine processes exit before the next measurement
+    ray.shutdown()
+
+    # 3. driver memory, one fresh process (and Ray) per size
+    res["memory"] = []
+    for size in [int(x) for x in args.mem_sizes.split(",") if x]:
+        log(f"driver memory, {size} instructions")
+        try:
+            m = mem_parent(size, args, work)
+        except Exception as exc:
+            log(f"  FAILED: {exc!r}")
+            res.setdefault("failures", []).append({"run": f"memory-{size}", "error": repr(exc)[:4000]})
+            continue
+        res["memory"].append(m)
+        save()
+        log(f"  RSS before {m['rss_before_run_mb']:.0f} MB, peak {m['vm_hwm_mb']:.0f} MB (VmHWM; sampled "
+            f"{m['rss_peak_sampled_mb']:.0f}), {m['wall_s']:.1f}s")
+
+    res["machine"]["loadavg_end"] = loadavg()
+    res["total_s"] = time.time() - t_start
+    if args.keep:
+        res["work_dir"] = str(work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    save()
+    table = markdown(res)
+    print()
+    print(table)
+    print(f"\nlength distribution (default policy): {res['length_distribution']}")
+    print(f"25M forced lengths: {res['length_distribution_25m']}")
+    print(f"total {res['total_s']:.0f}s; results in {out_path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
