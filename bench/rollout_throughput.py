@@ -47,12 +47,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = ROOT / "artifacts" / "policy"
-BIND_ENV = {
-    # vLLM's default on CPU: bind the model worker's OpenMP threads to all cores but one, which is
-    # reserved for the engine-core (scheduler) process. On 2 cores: the model runs on 1 core.
-    "auto": {},
-    # No reserved core: the model worker's OpenMP threads use both cores.
-    "all": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+RESERVED_CPUS = {
+    # vLLM's own default on CPU: bind the model worker's OpenMP threads to all cores but one, which
+    # is reserved for the engine-core (scheduler) process. On 2 cores: the model runs on 1 core.
+    "auto": None,
+    # EngineConfig.cpu_reserved_cpus=0 (the pipeline's default): the model worker uses every core.
+    "all": 0,
 }
 
 
@@ -264,6 +264,7 @@ class VllmRun:
     max_num_seqs: int
     strip_seeds: bool = False
     note: str = ""
+    eager: bool = True  # False: let vLLM compile the model (torch.compile) and capture graphs
 
 
 def pipeline_run(spec: VllmRun, model_dir: Path, args, temperature: float, work: Path,
@@ -279,10 +280,11 @@ def pipeline_run(spec: VllmRun, model_dir: Path, args, temperature: float, work:
         limit=args.prompts if spec.model == "default" else args.prompts_big,
         shard_size=spec.shard_size,
         sampling=SamplingConfig(n=args.n, temperature=temperature, max_tokens=args.max_tokens, seed=0),
-        engine=EngineConfig(dtype=spec.dtype, max_num_seqs=spec.max_num_seqs, cpu_kvcache_gb=args.kvcache_gb),
+        engine=EngineConfig(dtype=spec.dtype, max_num_seqs=spec.max_num_seqs, cpu_kvcache_gb=args.kvcache_gb,
+                            cpu_reserved_cpus=RESERVED_CPUS[spec.bind], enforce_eager=spec.eager),
         progress=False,
     )
-    sampler = make_sampler(BIND_ENV[spec.bind], str(side),
+    sampler = make_sampler({}, str(side),
                            str(lengths_file) if spec.model == "25m" else None, spec.strip_seeds)
     t0 = time.time()
     summary = run_rollouts(cfg, sampler_cls=sampler)
@@ -305,6 +307,7 @@ def pipeline_run(spec: VllmRun, model_dir: Path, args, temperature: float, work:
         "shards": r["shards_done"], "finish_reason": {k: table["finish_reason"].count(k)
                                                        for k in set(table["finish_reason"])},
         "pass@1": summary["pass@1"], "temperature": summary["temperature"],
+        "resolved_dtype": ",".join(r["engine_dtypes"]),
     }
 
 
@@ -378,6 +381,12 @@ def mem_parent(size: int, args, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def dtype_label(r: dict) -> str:
+    if r["dtype"] == "auto" and r.get("resolved_dtype"):
+        return f"auto ({r['resolved_dtype']})"
+    return r["dtype"]
+
+
 def markdown(res: dict) -> str:
     peak = res["matmul"]["bfloat16"]["best_gflops"]
     lines = [
@@ -396,13 +405,14 @@ def markdown(res: dict) -> str:
                 wall_ex, wall_ready, start = f"{r['tok_s']:,.0f}", f"{r['tok_s']:,.0f}", f"load {r['load_s']:.1f}"
             else:
                 settings = (f"bind {r['bind']}, shard {r['shard_size']}, max_num_seqs {r['max_num_seqs']}"
+                            + ("" if r.get("eager", True) else ", compiled")
                             + (", no per-sample seeds" if r["strip_seeds"] else ""))
                 wall_ex = f"{r['wall_tok_s_excl_startup']:,.0f}"
                 wall_ready = f"{r['wall_tok_s_after_ready']:,.0f}"
                 start = f"{r['engine_startup_s']:.1f} (actor {r['actor_init_s']:.1f})"
             ratio = f"{r['tok_s'] / best_hf:.2f}x" if best_hf else "-"
             lines.append(
-                f"| {info['label']} | {r['engine']} | {r['dtype']} | {settings} | {r['sequences']} | "
+                f"| {info['label']} | {r['engine']} | {dtype_label(r)} | {settings} | {r['sequences']} | "
                 f"{r['tokens']:,} | {r['tok_s']:,.0f} | {wall_ex} | {wall_ready} | {start} | {ratio} | "
                 f"{gflops:.1f} | {100 * gflops / peak:.1f}% | {r['loadavg'][0][0]:.1f} |")
     lines.append("")
@@ -427,19 +437,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run with small sizes")
     p.add_argument("--prompts", type=int, default=64, help="validation prompts (both model sizes)")
-    p.add_argument("--prompts-big", type=int, default=16,
+    p.add_argument("--prompts-big", type=int, default=32,
                    help="validation prompts for the ~25M model (the first ones of --prompts)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=160, help="max new tokens (the policy card's value)")
-    p.add_argument("--hf-batch", type=int, default=256, help="generate batch size in sequences")
+    p.add_argument("--hf-batch", default="64,128,256",
+                   help="generate batch sizes in sequences (comma-separated; each is measured, the best counts)")
     p.add_argument("--hf-dtypes", default="float32,bfloat16")
     p.add_argument("--shard-size", type=int, default=32, help="pipeline shard size (instructions)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--kvcache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per engine")
-    p.add_argument("--bind", choices=sorted(BIND_ENV), default="all",
+    p.add_argument("--bind", choices=sorted(RESERVED_CPUS), default="all",
                    help="vLLM thread binding for the main runs (the other one is run as a comparison)")
     p.add_argument("--runs", default=None, help="comma-separated pipeline run names (default: all; "
-                   "--quick: default-fp32-auto and 25m-bf16-<bind>)")
+                   "--quick: default-shipped and 25m-bf16-<bind>)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (25M model, rollout outputs)")
     p.add_argument("--big", default="512,8,8,1376", help="hidden,layers,heads,intermediate of the ~25M model")
     p.add_argument("--mem-sizes", default="1000,10000", help="driver-memory runs ('' to skip)")
@@ -453,7 +464,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.prompts, args.prompts_big, args.hf_batch, args.shard_size = 8, 4, 64, 8
+        args.prompts, args.prompts_big, args.hf_batch, args.shard_size = 8, 4, "64", 8
         args.mem_sizes, args.mem_shard_size, args.matmul_reps = "100,1000", 100, 4
     return args
 
@@ -462,7 +473,9 @@ def vllm_runs(args) -> list[VllmRun]:
     b, other = args.bind, ("auto" if args.bind == "all" else "all")
     s, m = args.shard_size, args.max_num_seqs
     runs = [
-        VllmRun("default-fp32-auto", "default", "float32", "auto", s, m, note="as shipped (dtype auto = fp32)"),
+        VllmRun("default-fp32-auto", "default", "float32", "auto", s, m, note="vLLM's own CPU defaults"),
+        VllmRun("default-shipped", "default", "auto", "all", s, m,
+                note="the pipeline's defaults: dtype auto (bf16 on this CPU), no reserved core"),
         VllmRun("default-fp32-auto-noseed", "default", "float32", "auto", s, m, strip_seeds=True,
                 note="diagnostic: per-sample seeds dropped"),
         VllmRun(f"default-fp32-{b}", "default", "float32", b, s, m),
@@ -470,9 +483,11 @@ def vllm_runs(args) -> list[VllmRun]:
         VllmRun(f"25m-bf16-{b}", "25m", "bfloat16", b, s, m),
         VllmRun(f"25m-bf16-{other}", "25m", "bfloat16", other, s, m),
         VllmRun(f"25m-bf16-{b}-seqs64", "25m", "bfloat16", b, s, 64, note="smaller running batch"),
+        VllmRun(f"25m-bf16-{b}-compiled", "25m", "bfloat16", b, s, m, eager=False, note="enforce_eager=False"),
+        VllmRun("default-shipped-compiled", "default", "auto", "all", s, m, eager=False, note="enforce_eager=False"),
     ]
     # The default list (what a full run measures); the others can be asked for with --runs.
-    default_names = ["default-fp32-auto", "default-fp32-auto-noseed", f"25m-fp32-{b}", f"25m-bf16-{b}",
+    default_names = ["default-fp32-auto", "default-shipped", f"25m-fp32-{b}", f"25m-bf16-{b}",
                      f"25m-bf16-{other}"]
     if args.runs:
         wanted = args.runs.split(",")
@@ -481,7 +496,7 @@ def vllm_runs(args) -> list[VllmRun]:
         if missing:
             raise SystemExit(f"unknown --runs {sorted(missing)}")
     elif args.quick:
-        runs = [runs[0], runs[4]]
+        runs = [r for r in runs if r.name in ("default-shipped", f"25m-bf16-{b}")]
     else:
         runs = [r for r in runs if r.name in default_names]
     seen, unique = set(), []
@@ -554,30 +569,33 @@ def main(argv=None) -> dict:
 
     # 1. plain generate (before Ray starts, so nothing else of ours competes for the 2 cores)
     lengths = None
+    batches = [int(b) for b in str(args.hf_batch).split(",")]
     for dtype in args.hf_dtypes.split(","):
-        log(f"generate default {dtype}")
-        la = loadavg()
-        r = hf_generate(DEFAULT_POLICY, dtype, prompts, args.n, args.max_tokens, temperature, args.hf_batch,
-                        None, args.seed)
-        if lengths is None:
-            lengths = r["lengths"]
-            res["length_distribution"] = {"source": f"default policy, generate {dtype}",
-                                          **length_stats([x for row in lengths for x in row], args.max_tokens)}
-        runs.append({"model": "default", **{k: v for k, v in r.items() if k != "lengths"},
-                     "loadavg": [la, loadavg()]})
-        log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
-            f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
-        save()
+        for batch in batches:
+            log(f"generate default {dtype} batch {batch}")
+            la = loadavg()
+            r = hf_generate(DEFAULT_POLICY, dtype, prompts, args.n, args.max_tokens, temperature, batch,
+                            None, args.seed)
+            if lengths is None:
+                lengths = r["lengths"]
+                res["length_distribution"] = {"source": f"default policy, generate {dtype} batch {batch}",
+                                              **length_stats([x for row in lengths for x in row], args.max_tokens)}
+            runs.append({"model": "default", **{k: v for k, v in r.items() if k != "lengths"},
+                         "loadavg": [la, loadavg()]})
+            log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
+                f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
+            save()
     for dtype in args.hf_dtypes.split(","):
-        log(f"generate 25M {dtype}")
-        la = loadavg()
-        r = hf_generate(big_dir, dtype, prompts[: args.prompts_big], args.n, args.max_tokens, temperature,
-                        args.hf_batch, lengths[: args.prompts_big], args.seed)
-        runs.append({"model": "25m", **{k: v for k, v in r.items() if k != "lengths"},
-                     "loadavg": [la, loadavg()]})
-        log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
-            f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
-        save()
+        for batch in batches:
+            log(f"generate 25M {dtype} batch {batch}")
+            la = loadavg()
+            r = hf_generate(big_dir, dtype, prompts[: args.prompts_big], args.n, args.max_tokens, temperature,
+                            batch, lengths[: args.prompts_big], args.seed)
+            runs.append({"model": "25m", **{k: v for k, v in r.items() if k != "lengths"},
+                         "loadavg": [la, loadavg()]})
+            log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
+                f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
+            save()
     lengths_file = work / "lengths_by_seed.json"
     lengths_file.write_text(json.dumps({
         str(sample_seed(args.seed, inst.id, j)): lengths[i][j]
