@@ -1,0 +1,94 @@
+"""The Ray Data scoring pass equals in-process ImplicitPRM.score; metrics come out of it."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prm_ray.config import ConfigError
+from prm_ray.evaluate import EvaluateConfig, evaluate_prm, problems_from_scores, reference_logprobs
+from prm_ray.prm import ImplicitPRM
+from prm_ray.reward import AGGREGATIONS
+
+RESPONSES = [
+    "Step 1: 3+4 = 7\n\nStep 2: 7*2 = 4\n\nThe answer is \\boxed{4}",
+    "Step 1: 3+4 = 7\n\nThe answer is \\boxed{7}",
+    "no steps at all",
+    "",
+    "Step 1: 1+1 = 2\n\n\n\nStep 2: 2+2 = 4\n\nThe answer is \\boxed{4}",
+    "Step 1: 9-9 = 0\n\nThe answer is \\boxed{0}",
+]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory):
+    """3 problems x 4 samples, written like the rollout pipeline does (one Parquet shard each)."""
+    out = tmp_path_factory.mktemp("eval_rollouts")
+    (out / "data").mkdir()
+    for p in range(3):
+        rows = [{"instruction_id": f"p{p}", "prompt": f"Compute {p}+{p} then double it.",
+                 "response": RESPONSES[(p + j) % len(RESPONSES)], "sample_index": j,
+                 "correct": (p + j) % 2 == 0, "extracted_answer": str((p + j) % 3)} for j in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows), out / "data" / f"shard-{p:06d}.parquet")
+    return out
+
+
+def _expected(prm_path, ref_path, table, beta, aggregation):
+    prm = ImplicitPRM.from_pretrained(prm_path, ref_path=ref_path, beta=beta)
+    return prm.score(table["prompt"], table["response"], aggregation=aggregation, batch_size=5)
+
+
+@pytest.mark.parametrize("use_ref", [True, False])
+def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_path, ray_session, tmp_path, use_ref):
+    cfg = EvaluateConfig(reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1)
+    data = rollouts
+    if use_ref:
+        info = reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg)
+        assert info["rows"] == 12 and not info["reused"]
+        assert reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg)["reused"]
+        data = tmp_path / "ref"
+    res = evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)
+    assert res["problems"] == 3 and res["samples_per_problem"] == 4 and res["responses"] == 12
+    got = pq.read_table(tmp_path / "eval" / "scores").to_pylist()
+    src = pq.read_table(rollouts / "data").to_pydict()
+    key = {(r["instruction_id"], r["sample_index"]): r for r in got}
+    assert len(key) == 12
+    for agg in AGGREGATIONS:
+        want = _expected(tiny_prm_path, tiny_policy_path if use_ref else None, src, 0.3, agg)
+        for i, w in enumerate(want):
+            row = key[(src["instruction_id"][i], src["sample_index"][i])]
+            assert row[f"score_{agg}"] == pytest.approx(w.score, abs=1e-5)
+            assert row["step_rewards"] == pytest.approx(w.step_rewards, abs=1e-5)
+            assert row["q_values"] == pytest.approx(w.q_values, abs=1e-5)
+            assert row["num_tokens"] == w.num_tokens
+    # Re-running with the same inputs reuses the result; another config recomputes it.
+    assert evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)["reused"]
+    other = EvaluateConfig(reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random")
+    assert not evaluate_prm(tiny_prm_path, data, tmp_path / "eval", other, beta=0.3)["reused"]
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["metrics"]["bon@4"] == pytest.approx(
+        _bon_by_hand(problems_from_scores(tmp_path / "eval" / "scores")), abs=1e-12)
+
+
+def _bon_by_hand(problems):
+    total = 0.0
+    for p in problems:
+        best = max(p["scores"])
+        tied = [c for c, s in zip(p["correct"], p["scores"]) if s == best]
+        total += sum(tied) / len(tied)
+    return total / len(problems)
+
+
+def test_scoring_without_cached_reference_is_refused(rollouts, tiny_prm_path, ray_session, tmp_path):
+    with pytest.raises(ValueError, match="ref_token_logp"):
+        evaluate_prm(tiny_prm_path, rollouts, tmp_path / "eval", EvaluateConfig(replicas=1))
+
+
+def test_bad_eval_config_names_the_field():
+    with pytest.raises(ConfigError, match="eval.aggregation"):
+        EvaluateConfig(aggregation="max")
+    with pytest.raises(ConfigError, match="eval.protocol"):
+        EvaluateConfig(protocol="last")
+    with pytest.raises(ConfigError, match="eval.micro_batch_size"):
+        EvaluateConfig(micro_batch_size=0)
