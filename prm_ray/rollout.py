@@ -207,6 +207,10 @@ class VLLMSampler:
         )
         self.startup_s = time.time() - t0
         self.dtype = dtype
+        from transformers import AutoConfig
+
+        self.max_len = engine["max_model_len"] or getattr(AutoConfig.from_pretrained(model),
+                                                          "max_position_embeddings", None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vllm import SamplingParams
@@ -218,11 +222,16 @@ class VLLMSampler:
         requests, params, keys = [], [], []
         for iid, prompt in zip(shard["instruction_id"], shard["prompt"]):
             ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            max_tokens = s["max_tokens"]
+            if self.max_len:
+                # Leave room for the EOS that scoring and training append to every response, so
+                # each sampled response fits the model's context there too.
+                max_tokens = max(1, min(max_tokens, self.max_len - len(ids) - 1))
             for j in range(s["n"]):
                 seed = sample_seed(s["seed"], iid, j)
                 requests.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(n=1, temperature=self.temperature, top_p=s["top_p"],
-                                             max_tokens=s["max_tokens"], seed=seed, logprobs=0))
+                                             max_tokens=max_tokens, seed=seed, logprobs=0))
                 keys.append((iid, j, seed))
         t0 = time.time()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -388,7 +397,7 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
                             num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": to_dict(cfg)})
         ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
                             fn_kwargs={"out": str(out)})
-        total = len(todo) * cfg.shard_size * cfg.sampling.n
+        total = sum(len(s["instruction_id"]) for s in todo) * cfg.sampling.n
         with tqdm(total=total, desc=f"rollouts ({len(todo)} shards)", unit="resp",
                   disable=not cfg.progress) as bar:
             for row in ds.iter_rows():

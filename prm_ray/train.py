@@ -39,10 +39,14 @@ PRM_CARD = "prm_ray_prm.json"
 class RefPassConfig:
     """The batched reference log-prob pass (a Ray Data actor pool)."""
 
-    replicas: int = 1
-    batch_size: int = 64
-    num_cpus: float = 1.0
+    # Leave CPUs for Ray Data's own tasks (actors holding every CPU starve them): 2 x 0.5 here,
+    # each actor running `threads` torch threads.
+    replicas: int = 2
+    batch_size: int = 256
+    micro_batch_size: int = 16
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
+    threads: int = 1
 
 
 @dataclass
@@ -128,8 +132,12 @@ def ref_columns(objective: str) -> list[tuple[str, str, str]]:
 class SequenceLogprobs:
     """Ray Data actor: sum of log pi(response | prompt) over response tokens (EOS included)."""
 
-    def __init__(self, model: str, columns: list, dtype: str = "float32") -> None:
+    def __init__(self, model: str, columns: list, dtype: str = "float32", micro_batch_size: int = 16,
+                 threads: int = 1) -> None:
         import torch
+
+        torch.set_num_threads(threads)
+        self.micro = micro_batch_size
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from prm_ray.prm import max_context, pad_token_id
@@ -149,15 +157,22 @@ class SequenceLogprobs:
         from prm_ray.reward import response_logprobs
 
         rows = batch.to_pydict()
+        dev = next(self.model.parameters()).device
         for prompt_col, resp_col, out_col in self.columns:
             items = [encode_pair(self.tokenizer, p, r, max_length=self.max_length)
                      for p, r in zip(rows[prompt_col], rows[resp_col])]
-            t = collate_items(items, self.pad_id)
-            dev = next(self.model.parameters()).device
-            with torch.inference_mode():
-                lp = response_logprobs(self.model, t["input_ids"].to(dev), t["attention_mask"].to(dev),
-                                       t["response_mask"].to(dev))
-            batch = batch.append_column(out_col, pa.array(lp.sum(-1).double().cpu().tolist(), pa.float64()))
+            sums = [0.0] * len(items)
+            # Length-sorted micro-batches: far less padding than the batch in arrival order.
+            order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+            for start in range(0, len(order), self.micro):
+                chunk = order[start : start + self.micro]
+                t = collate_items([items[i] for i in chunk], self.pad_id)
+                with torch.inference_mode():
+                    lp = response_logprobs(self.model, t["input_ids"].to(dev), t["attention_mask"].to(dev),
+                                           t["response_mask"].to(dev))
+                for i, v in zip(chunk, lp.sum(-1).double().cpu().tolist()):
+                    sums[i] = v
+            batch = batch.append_column(out_col, pa.array(sums, pa.float64()))
         return batch
 
 
@@ -170,13 +185,15 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
     t0 = time.time()
     if path.exists():
         shutil.rmtree(path)
-    ds = ray.data.from_arrow(examples)
+    # Several blocks per replica, so every actor gets work.
+    ds = ray.data.from_arrow(examples).repartition(4 * cfg.ref_pass.replicas)
     if cfg.reference:
         rp = cfg.ref_pass
         ds = ds.map_batches(
             SequenceLogprobs, batch_size=rp.batch_size, batch_format="pyarrow", concurrency=rp.replicas,
             num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-            fn_constructor_kwargs={"model": cfg.reference_path, "columns": ref_columns(objective)},
+            fn_constructor_kwargs={"model": cfg.reference_path, "columns": ref_columns(objective),
+                                   "micro_batch_size": rp.micro_batch_size, "threads": rp.threads},
         )
     else:
         # "w/o ref": log pi_ref := 0, so the implicit reward is beta * log pi_phi.
@@ -378,7 +395,8 @@ def train_loop_per_worker(config: dict) -> None:
             now = time.time()
             metrics = _reduce_stats(acc_stats, world, dist)
             metrics.update(step=step, epoch=epoch, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=metrics.pop("tokens") / max(now - t_last, 1e-9), time=now,
+                           tokens=metrics["tokens"],  # this step's tokens, all workers
+                           tokens_per_s=metrics["tokens"] / max(now - t_last, 1e-9), time=now,
                            peak_rss_mb_max_worker=_peak_rss_mb(world, dist))
             t_last = now
             acc_stats = []

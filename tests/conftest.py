@@ -36,7 +36,8 @@ def ray_session():
     """One local Ray for the session (start-up is seconds; per-test clusters would dominate)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # address="local": never attach to a `ray start` head (e.g. one left up by `make demo`).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

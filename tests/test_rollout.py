@@ -166,3 +166,17 @@ def test_bad_config_values_name_the_field():
         RolloutConfig(sampling=SamplingConfig(n=0))
     with pytest.raises(ConfigError, match="shard_size"):
         RolloutConfig(shard_size=0)
+
+
+def test_responses_leave_room_for_eos_within_the_model_context(tiny_trained_policy, ray_session, tmp_path):
+    """max_tokens above the context is capped per request, so every response can be scored."""
+    from prm_ray.prm import ImplicitPRM
+
+    policy = tiny_trained_policy[0].out
+    out = tmp_path / "long"
+    run_rollouts(_cfg(policy, out, limit=2, sampling=SamplingConfig(n=2, max_tokens=10_000, temperature=3.0)))
+    rows = _read(out).to_pylist()
+    prm = ImplicitPRM.from_pretrained(policy, ref_path=policy)
+    scores = prm.score([r["prompt"] for r in rows], [r["response"] for r in rows])  # raises if too long
+    assert len(scores) == 4 and all(s.num_tokens <= prm.max_length for s in scores)
+    assert any(r["finish_reason"] == "length" for r in rows)  # temperature 3: rambles to the cap
