@@ -17,8 +17,22 @@ $(STAMP): pyproject.toml scripts/install.sh
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job, submitted to a local Ray head the way a cluster user submits it. A head that is
+# already up is used as is; one started here is stopped afterwards. PATH puts the venv's python
+# first, so the job's `python` is this environment's. Ray >= 2.59 protects local heads with a
+# token (~/.ray/auth_token); the job CLI only sends it with RAY_AUTH_MODE=token.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) jobs/bootstrap_policy.py --out $(POLICY)
+	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token; started=0; \
+	ray get-auth-token --generate >/dev/null || exit 1; \
+	if ! ray status >/dev/null 2>&1; then \
+	  echo "starting a local Ray head (ray stop to stop it)"; \
+	  ray start --head --disable-usage-stats >/dev/null && started=1 || exit 1; \
+	fi; \
+	ray job submit --working-dir . -- python jobs/scale_responses.py \
+	  --runs_dir "$(CURDIR)/runs" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
+	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; \
+	if [ $$rc = 0 ]; then echo "report: $(CURDIR)/runs/scale_responses/report.md"; fi; exit $$rc
 
 # Retrain the default policy from scratch (about 15-20 minutes on 2 cores).
 policy: $(STAMP)

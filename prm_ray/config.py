@@ -95,13 +95,36 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"unknown config field(s) {', '.join(prefix + u for u in unknown)}; "
             f"valid fields: {', '.join(prefix + f for f in fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        default = _nested_default(fields[k], hints[k])
+        if default is not None and isinstance(v, dict):
+            # A partial mapping overrides the field's OWN default (e.g. a study's test rollouts
+            # default to split=test, n=64), not the nested class's defaults.
+            v = _merge(to_dict(default), v)
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config{' in ' + prefix.rstrip('.') if prefix else ''}: {exc}") from exc
+
+
+def _nested_default(f: dataclasses.Field, tp: Any) -> Any:
+    base, _ = _unwrap_optional(tp)
+    if not _is_dataclass_type(base):
+        return None
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default if dataclasses.is_dataclass(f.default) else None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""The paper's response-scaling study (Figure 5), end to end: policy -> training and test rollouts
+-> implicit PRMs for k responses per instruction x objective -> best-of-N evaluation -> report.
+
+    python jobs/scale_responses.py                                    # embedded default, ~25 min here
+    ray job submit --working-dir . -- python jobs/scale_responses.py --runs_dir $PWD/runs
+    python jobs/scale_responses.py --config configs/llama3-8b-math-study.yaml   # a GPU cluster
+
+Writes runs/<name>/report.md, report.json, bon_vs_n.png, scaling.png, stages.png, config.yaml.
+Finished stages (rollouts, PRMs, evaluations) are reused when the job is submitted again.
+"""
+
+from prm_ray.config import parse_args
+from prm_ray.study import ScaleResponsesConfig, run_study, scale_responses_specs
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(ScaleResponsesConfig, argv)
+    return run_study(cfg, scale_responses_specs(cfg), axis_name="responses_per_instruction",
+                     title="Implicit PRM: scaling responses per instruction (paper Fig. 5)")
+
+
+if __name__ == "__main__":
+    main()

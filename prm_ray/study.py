@@ -1,0 +1,400 @@
+"""One experiment runner for the paper's studies: policy -> rollouts -> PRMs -> evaluation -> report.
+
+A study is a list of :class:`PRMSpec` (what to train and how to score it) plus a shared setup
+(:class:`StudyConfig`). ``jobs/scale_responses.py``, ``jobs/scale_instructions.py`` and
+``jobs/compare_objectives.py`` only build their grid and call :func:`run_study`.
+
+Every stage is reused when its inputs are unchanged: rollouts live under
+``<runs_dir>/rollouts/<split>-<hash of their config>``, PRMs under
+``<runs_dir>/prms/<name>-<hash of their training config>``, so two studies that need the same
+rollouts or the same PRM (e.g. CE with 8 responses per instruction) compute it once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prm_ray.bootstrap import BootstrapConfig
+from prm_ray.config import ConfigError, save_config, to_dict
+from prm_ray.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
+from prm_ray.rollout import RolloutConfig, SamplingConfig
+from prm_ray.train import TrainConfig
+
+KINDS = ("bon", "weighted_mv", "majority", "pass")
+
+
+# max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
+# are degenerate.
+def _train_rollouts() -> RolloutConfig:
+    return RolloutConfig(split="train", limit=1000, sampling=SamplingConfig(n=8, max_tokens=160))
+
+
+def _test_rollouts() -> RolloutConfig:
+    return RolloutConfig(split="test", limit=150, shard_size=16, sampling=SamplingConfig(n=64, max_tokens=160))
+
+
+def _train() -> TrainConfig:
+    # One epoch at lr 1e-4: on the validation split (never the test problems) this gave best-of-16
+    # 67.9% against 64.4% for 2 epochs at 5e-4 (docs/evaluation.md), and it fits the 30-minute budget.
+    return TrainConfig(epochs=1, lr=1e-4)
+
+
+@dataclass
+class StudyConfig:
+    """The shared setup of a study. The study fills in each stage's paths (``model``, ``out``,
+    ``data``) itself; everything else in the nested configs is used as given."""
+
+    name: str = "study"
+    runs_dir: str = "runs"
+    policy: str = "artifacts/policy"  # a local directory or a Hugging Face model id
+    # Train the embedded arith policy into `policy` when that directory has no model (the default
+    # world only; set false for a hub model, which is then loaded as given).
+    bootstrap_if_missing: bool = True
+    reference: str | None = None  # reference model for the implicit reward; None: the policy
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    train_rollouts: RolloutConfig = field(default_factory=_train_rollouts)
+    test_rollouts: RolloutConfig = field(default_factory=_test_rollouts)
+    train: TrainConfig = field(default_factory=_train)
+    eval: EvaluateConfig = field(default_factory=EvaluateConfig)
+    headline_n: int = 16  # the N of the scaling plot and the summary line
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bootstrap_if_missing and self.train_rollouts.task != "arith":
+            self.bootstrap_if_missing = False  # the bootstrap trains the arith policy only
+        if self.train_rollouts.split == self.test_rollouts.split and self.train_rollouts.task == self.test_rollouts.task:
+            raise ConfigError(f"train_rollouts.split and test_rollouts.split are both {self.test_rollouts.split!r}; "
+                              "held-out problems must come from another split")
+        if self.headline_n > self.test_rollouts.sampling.n:
+            raise ConfigError(f"headline_n ({self.headline_n}) > test_rollouts.sampling.n "
+                              f"({self.test_rollouts.sampling.n})")
+
+
+@dataclass
+class PRMSpec:
+    """One row of a study: a PRM to train (a delta on ``StudyConfig.train``) and how to score it."""
+
+    name: str
+    objective: str = "ce"
+    responses_per_instruction: int | None = None
+    instruction_fraction: float = 1.0
+    balance: str = "none"
+    reference_train: bool = True
+    reference_infer: bool = True
+    undefined: str | None = None  # set when the cell does not exist (e.g. DPO with 1 response)
+    axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists() or path.startswith((".", "/", "~"))
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
+    key = to_dict(rc)
+    key.pop("out", None)
+    key.pop("progress", None)
+    return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{_hash(key)}"
+
+
+def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path) -> TrainConfig:
+    tc = copy.deepcopy(cfg.train)
+    tc.data, tc.model, tc.ref_model = str(data), cfg.policy, cfg.reference
+    tc.reference = spec.reference_train
+    ds = tc.dataset
+    ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
+    ds.instruction_fraction, ds.balance = spec.instruction_fraction, spec.balance
+    ds.__post_init__()  # validate the combination
+    if cfg.ray_address:
+        tc.ray_address = cfg.ray_address
+    key = to_dict(tc)
+    key.pop("out")
+    tc.out = str(Path(cfg.runs_dir) / "prms" / f"{spec.name}-{_hash(key)}")
+    return tc
+
+
+def _params(model_dir: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log) -> tuple[Path, dict]:
+    from prm_ray.rollout import run_rollouts
+
+    rc = copy.deepcopy(rc)
+    rc.model = cfg.policy
+    rc.ray_address = cfg.ray_address or rc.ray_address
+    out = rollout_dir(cfg, rc)
+    rc.out = str(out)
+    log(f"{label}: {rc.limit} {rc.split} instructions x {rc.sampling.n} -> {out}")
+    t0 = time.time()
+    summary = run_rollouts(rc)
+    wall = time.time() - t0
+    this = summary["this_run"]
+    stage = {"stage": label, "wall_s": wall, "reused": this["shards_done"] == 0,
+             "generated_tokens": summary["generated_tokens_total"],
+             "flops": 2.0 * params * summary["generated_tokens_total"],
+             "instructions": summary["instructions"], "responses": summary["responses"],
+             "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
+             "verify_status": summary["verify_status"]}
+    return out, stage
+
+
+def _train_tokens(report: dict, out: Path) -> float:
+    """Tokens the PRM was trained on, from its metrics (sum over steps), for the compute estimate."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return float("nan")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows if "tokens" in r}
+    return float(sum(r["tokens"] for r in by_step.values()))
+
+
+def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: str, log=print) -> dict:
+    """Run (or resume) every stage and write ``<runs_dir>/<name>/report.{md,json}`` and the plots."""
+    from prm_ray.bootstrap import bootstrap
+    from prm_ray.report import write_report
+    from prm_ray.rollout import init_ray
+    from prm_ray.train import train_prm
+
+    # Absolute paths: Ray actors may run in another working directory (`ray job submit
+    # --working-dir`), and stage hashes should not depend on how a path was spelled.
+    cfg = copy.deepcopy(cfg)
+    cfg.runs_dir = str(Path(cfg.runs_dir).resolve())
+    local = _is_local(cfg.policy) or cfg.bootstrap_if_missing
+    if local:
+        cfg.policy = str(Path(cfg.policy).resolve())
+    if cfg.reference and _is_local(cfg.reference):
+        cfg.reference = str(Path(cfg.reference).resolve())
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "specs.json").write_text(json.dumps([to_dict(s) for s in specs], indent=2))
+    t_start = time.time()
+    stages: list[dict] = []
+
+    # 1. The policy (shipped in the repo by default: then this costs nothing).
+    t0 = time.time()
+    if cfg.bootstrap_if_missing and not (Path(cfg.policy) / "config.json").exists():
+        log(f"policy: none at {cfg.policy}; training the embedded default policy there (bootstrap)")
+        bcfg = copy.deepcopy(cfg.bootstrap)
+        bcfg.out = cfg.policy
+        card = bootstrap(bcfg)
+        stages.append({"stage": "policy", "wall_s": time.time() - t0, "reused": False,
+                       "train_seconds": card["train"]["train_seconds"]})
+    else:
+        stages.append({"stage": "policy", "wall_s": time.time() - t0, "reused": True})
+    params = _params(cfg.policy)
+    init_ray(cfg.ray_address)
+
+    # 2. Rollouts: training instructions and held-out test problems (disjoint splits).
+    train_data, st = _rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
+    stages.append(st)
+    test_data, st = _rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
+    stages.append(st)
+
+    # 3. Reference log-probs of the test responses, once for every PRM.
+    reference = cfg.reference or cfg.policy
+    need_ref = any(s.reference_infer and not s.undefined for s in specs)
+    ref_data = test_data / f"ref-logprobs-{_hash([reference, cfg.eval.dtype])}"
+    if need_ref:
+        log(f"reference log-probs of the test responses -> {ref_data}")
+        info = reference_logprobs(test_data, reference, ref_data, cfg.eval)
+        stages.append({"stage": "reference log-probs (test)", "wall_s": 0.0 if info["reused"] else info["seconds"],
+                       "reused": info["reused"], "flops": 2.0 * params * stages[2]["generated_tokens"]})
+
+    # 4. Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
+    #    best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
+    base_problems = problems_from_scores(_zero_scores(test_data), "min")
+    baseline = metrics(base_problems, cfg.eval)
+    likelihood = metrics(problems_from_scores(_likelihood_scores(ref_data), "min"), cfg.eval) if need_ref else None
+
+    # 5. Train and evaluate every PRM.
+    results = []
+    for spec in specs:
+        entry = {"name": spec.name, "objective": spec.objective,
+                 "responses_per_instruction": spec.responses_per_instruction or cfg.train_rollouts.sampling.n,
+                 "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,
+                 "reference": spec.reference_train, "reference_at_inference": spec.reference_infer,
+                 "axis": spec.axis}
+        if spec.undefined:
+            log(f"{spec.name}: not defined ({spec.undefined})")
+            results.append({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None})
+            continue
+        tc = train_config(cfg, spec, train_data)
+        log(f"{spec.name}: training -> {tc.out}")
+        t0 = time.time()
+        report = train_prm(tc, progress=False)
+        train_wall = time.time() - t0
+        tokens = _train_tokens(report, Path(tc.out))
+        ecfg = copy.deepcopy(cfg.eval)
+        ecfg.reference = spec.reference_infer
+        log(f"{spec.name}: evaluating on {stages[2]['instructions']} test problems x "
+            f"{cfg.test_rollouts.sampling.n}")
+        t0 = time.time()
+        ev = evaluate_prm(tc.out, ref_data if spec.reference_infer else test_data,
+                          run_dir / "eval" / spec.name, ecfg)
+        eval_wall = time.time() - t0
+        m = ev["metrics"]
+        log(f"{spec.name}: bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
+            f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
+        ds = report.get("dataset", {})
+        stages.append({"stage": f"train {spec.name}", "wall_s": train_wall, "reused": report.get("reused", False),
+                       "flops": 6.0 * params * tokens + (2.0 * params * tokens / max(tc.epochs, 1)
+                                                         if spec.reference_train else 0.0),
+                       "train_tokens": tokens})
+        stages.append({"stage": f"eval {spec.name}", "wall_s": eval_wall, "reused": ev["reused"],
+                       "flops": 2.0 * params * stages[2]["generated_tokens"]})
+        results.append({**entry, "status": "ok", "prm": tc.out, "metrics": m,
+                        "train": {"examples": report.get("examples"), "steps": report.get("steps"),
+                                  "dataset_rows": ds.get("rows_out", ds.get("rows")),
+                                  "final_metrics": report.get("final_metrics")},
+                        "eval_dir": str(run_dir / "eval" / spec.name)})
+    total = time.time() - t_start
+    out = {
+        "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
+        "results": results, "baseline": baseline, "baseline_likelihood": likelihood, "config": to_dict(cfg),
+        "seeds": {"rollouts_train": cfg.train_rollouts.sampling.seed, "rollouts_test": cfg.test_rollouts.sampling.seed,
+                  "dataset": cfg.train.dataset.seed, "train": cfg.train.seed, "eval": cfg.eval.seed,
+                  "policy": cfg.bootstrap.seed},
+        "stages": stages, "wall_seconds": total, "policy_params": params,
+        "test": {"problems": stages[2]["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
+                 "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
+        "train_rollouts": {"instructions": stages[1]["instructions"], "responses": stages[1]["responses"],
+                           "pass@1": stages[1]["pass@1"]},
+    }
+    write_report(out, run_dir)
+    log(f"report: {run_dir / 'report.md'} ({total / 60:.1f} min)")
+    return out
+
+
+def _zero_scores(test_data: Path):
+    """The test rollouts as a score table with all-zero scores (voting/pass@k ignore the score)."""
+    import pyarrow as pa
+
+    from prm_ray.datasets import load_rollouts
+
+    t = load_rollouts(test_data, columns=["instruction_id", "sample_index", "correct", "extracted_answer"])
+    return t.append_column("score_min", pa.array([0.0] * t.num_rows, pa.float64()))
+
+
+def _likelihood_scores(ref_data: Path):
+    """Test responses scored by the reference policy's log-likelihood (sum over response tokens)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(str(ref_data / "data"), format="parquet").to_table(
+        columns=["instruction_id", "sample_index", "correct", "extracted_answer", "ref_token_logp"])
+    sums = [float(sum(v)) for v in t.column("ref_token_logp").to_pylist()]
+    return t.drop_columns(["ref_token_logp"]).append_column("score_min", pa.array(sums, pa.float64()))
+
+
+def headline(result: dict, n: int) -> str:
+    m = result["metrics"]
+    return "-" if m is None else f"{100 * m[f'bon@{n}']:.1f}"
+
+
+def finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three studies (paper Figure 5, Figure 4, Tables 1 and 4)
+# ---------------------------------------------------------------------------------------------
+
+PAIRED = ("dpo", "nca")
+
+
+@dataclass
+class ScaleResponsesConfig(StudyConfig):
+    """Figure 5: PRMs trained on the first k responses per instruction, for each objective."""
+
+    name: str = "scale_responses"
+    responses: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    objectives: list[str] = field(default_factory=lambda: ["ce", "dpo"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.train_rollouts.sampling.n
+        if not self.responses or any(k < 1 or k > n for k in self.responses):
+            raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
+
+
+def scale_responses_specs(cfg: ScaleResponsesConfig) -> list[PRMSpec]:
+    specs = []
+    for obj in cfg.objectives:
+        for k in cfg.responses:
+            spec = PRMSpec(f"{obj}-k{k}", objective=obj, responses_per_instruction=k,
+                           axis={"responses_per_instruction": k, "series": obj})
+            if obj in PAIRED and k == 1:
+                spec.undefined = (f"{obj.upper()} needs a correct and an incorrect response to the same "
+                                  "instruction; with 1 response per instruction there are no pairs")
+            specs.append(spec)
+    return specs
+
+
+@dataclass
+class ScaleInstructionsConfig(StudyConfig):
+    """Figure 4: PRMs trained on a seeded fraction of the instructions (all their responses)."""
+
+    name: str = "scale_instructions"
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    objectives: list[str] = field(default_factory=lambda: ["ce"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions must be in (0, 1], got {self.fractions}")
+
+
+def scale_instructions_specs(cfg: ScaleInstructionsConfig) -> list[PRMSpec]:
+    return [PRMSpec(f"{obj}-f{int(round(100 * f))}", objective=obj, instruction_fraction=f,
+                    axis={"instruction_fraction": f, "series": obj})
+            for obj in cfg.objectives for f in cfg.fractions]
+
+
+@dataclass
+class CompareObjectivesConfig(StudyConfig):
+    """Table 1 (objectives and balancing) and Table 4 (reference model at training / inference)."""
+
+    name: str = "compare_objectives"
+    objectives: list[str] = field(default_factory=lambda: ["ce", "ce-dataset", "ce-instruction", "dpo", "kto", "nca"])
+    reference_ablation: bool = True  # Table 4: CE with the reference on/off at training x inference
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        valid = {"ce", "ce-dataset", "ce-instruction", "dpo", "kto", "nca"}
+        bad = [o for o in self.objectives if o not in valid]
+        if bad:
+            raise ConfigError(f"objectives {bad} unknown; valid: {sorted(valid)}")
+
+
+def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
+    specs = []
+    for name in cfg.objectives:
+        obj, _, balance = name.partition("-")
+        specs.append(PRMSpec(name, objective=obj, balance=balance or "none", axis={"objective": name}))
+    if cfg.reference_ablation:
+        for train_ref in (True, False):
+            for infer_ref in (True, False):
+                if train_ref and infer_ref and "ce" in cfg.objectives:
+                    continue  # the plain CE row above
+                label = f"ce ref train={'on' if train_ref else 'off'} infer={'on' if infer_ref else 'off'}"
+                specs.append(PRMSpec(label.replace(" ", "_").replace("=", "-"), objective="ce",
+                                     reference_train=train_ref, reference_infer=infer_ref,
+                                     axis={"reference (train/inference)": f"{int(train_ref)}/{int(infer_ref)}",
+                                           "series": "ce"}))
+    return specs

@@ -1,0 +1,44 @@
+"""The study report from a hand-made result dict: tables match the numbers, undefined rows shown."""
+
+import json
+
+from prm_ray.report import write_report
+
+
+def _metrics(bon: float) -> dict:
+    out = {"pass@1": 0.5}
+    for n in (1, 2, 4):
+        out.update({f"bon@{n}": bon, f"weighted_mv@{n}": 0.6, f"majority@{n}": 0.55})
+        if n > 1:
+            out[f"pass@{n}"] = 0.9
+    return out
+
+
+def test_report_files_and_numbers(tmp_path):
+    report = {
+        "study": "s", "title": "t", "axis": "responses_per_instruction", "headline_n": 4,
+        "results": [
+            {"name": "ce-k4", "objective": "ce", "responses_per_instruction": 4, "instruction_fraction": 1.0,
+             "balance": "none", "reference": True, "reference_at_inference": True, "status": "ok",
+             "axis": {"responses_per_instruction": 4, "series": "ce"}, "metrics": _metrics(0.8125),
+             "train": {"examples": 10, "steps": 2}},
+            {"name": "dpo-k1", "objective": "dpo", "responses_per_instruction": 1, "instruction_fraction": 1.0,
+             "balance": "none", "reference": True, "reference_at_inference": True, "status": "undefined",
+             "reason": "no pairs", "axis": {"responses_per_instruction": 1, "series": "dpo"}, "metrics": None},
+        ],
+        "baseline": _metrics(0.5), "baseline_likelihood": _metrics(0.7),
+        "config": {"policy": "p", "eval": {"protocol": "first", "aggregation": "min", "vote_coef": 0.001}},
+        "seeds": {"train": 0}, "stages": [{"stage": "train ce-k4", "wall_s": 1.5, "reused": False, "flops": 2e12}],
+        "wall_seconds": 3.0, "policy_params": 1000,
+        "test": {"problems": 2, "samples_per_problem": 4, "split": "test", "task": "arith"},
+        "train_rollouts": {"instructions": 3, "responses": 12, "pass@1": 0.5},
+    }
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| ce-k4 | 81.2 | 81.2 | 81.2 |" in md
+    assert "| dpo-k1 | n/a | n/a | n/a |" in md and "**dpo-k1**: not defined: no pairs" in md
+    assert "| policy log-likelihood (no PRM) | 70.0 | 70.0 | 70.0 |" in md
+    assert "+31.2 vs pass@1" in md and "+26.2 vs majority@4" in md
+    assert json.loads((tmp_path / "report.json").read_text())["results"][1]["metrics"] is None
+    for png in ("bon_vs_n.png", "scaling.png", "stages.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
