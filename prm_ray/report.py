@@ -38,7 +38,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# {report['title']}",
         "",
-        f"Study `{report['study']}`: {len(report['results'])} reward models, evaluated on "
+        f"Study `{report['study']}`: {sum(r['metrics'] is not None for r in report['results'])} reward models "
+        f"trained (undefined rows: {sum(r['metrics'] is None for r in report['results'])}), evaluated on "
         f"{test['problems']} held-out {test['task']} problems ({test['split']} split) x "
         f"{test['samples_per_problem']} samples, protocol `{cfg['eval']['protocol']}`, aggregation "
         f"`{cfg['eval']['aggregation']}`, weighted-vote coefficient {cfg['eval']['vote_coef']}. "
