@@ -198,8 +198,6 @@ def _read(path: str | Path, columns: list[str], blocks: int):
 
 def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cfg: EvaluateConfig) -> dict:
     """Write the rollouts plus per-token reference log-probs to ``out`` (reused when present)."""
-    import ray
-
     out = Path(out)
     done = out / REF_DONE
     key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
@@ -228,8 +226,6 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
 
 def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta: float) -> float:
     """Score every response of ``data`` (rollouts, with ``ref_token_logp`` when ``cfg.reference``)."""
-    import ray  # noqa: F401
-
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -69,12 +69,12 @@ def markdown(report: dict) -> str:
     lik = report.get("baseline_likelihood")
     if lik:
         lines.append("| policy log-likelihood (no PRM) | " + " | ".join(_pct(lik[f"bon@{k}"]) for k in ns) + " |")
-    lines += [f"| majority voting | " + " | ".join(_pct(base[f"majority@{k}"]) for k in ns) + " |",
-              f"| pass@N (oracle) | " + " | ".join("-" if k == 1 else _pct(base[f"pass@{k}"]) for k in ns) + " |",
-              f"| pass@1 | " + " | ".join(_pct(base["pass@1"]) for _ in ns) + " |"]
+    lines += ["| majority voting | " + " | ".join(_pct(base[f"majority@{k}"]) for k in ns) + " |",
+              "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _pct(base[f"pass@{k}"]) for k in ns) + " |",
+              "| pass@1 | " + " | ".join(_pct(base["pass@1"]) for _ in ns) + " |"]
     lines += ["", "## Weighted majority voting", ""]
     lines += _table(report, "weighted_mv", ns)
-    lines += ["", "![best-of-N](bon_vs_n.png)", "", f"![scaling](scaling.png)", ""]
+    lines += ["", "![best-of-N](bon_vs_n.png)", "", "![scaling](scaling.png)", ""]
     lines += ["## Training data per reward model", "",
               "| reward model | objective | responses / instruction | instruction fraction | balance "
               "| ref (train) | ref (inference) | examples | steps |", "|---|---|---|---|---|---|---|---|---|"]

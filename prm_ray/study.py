@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,15 +299,6 @@ def _likelihood_scores(ref_data: Path):
         columns=["instruction_id", "sample_index", "correct", "extracted_answer", "ref_token_logp"])
     sums = [float(sum(v)) for v in t.column("ref_token_logp").to_pylist()]
     return t.drop_columns(["ref_token_logp"]).append_column("score_min", pa.array(sums, pa.float64()))
-
-
-def headline(result: dict, n: int) -> str:
-    m = result["metrics"]
-    return "-" if m is None else f"{100 * m[f'bon@{n}']:.1f}"
-
-
-def finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------
