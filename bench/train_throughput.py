@@ -6,7 +6,7 @@
 For each model: the same CE examples (arith reference solutions and corrupted copies), the same
 micro-batch, bf16 autocast, and the same per-micro-batch code (`prm_ray.train._micro_batch_loss`).
 Measured:
-- plain loop tokens/s (2 threads, one process);
+- plain loop tokens/s (2 threads, one process; run before and after the Ray runs, the faster counts);
 - Ray Train tokens/s with 1 worker x 2 threads (Ray's overhead against the plain loop) and with
   2 workers x 1 thread (DDP over gloo);
 - the plain loop when it also runs the reference model every step, as the paper's code does
@@ -123,7 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
+    ap.add_argument("--models", default="default,25M", help="comma-separated subset of: default, 25M")
     args = ap.parse_args()
+    wanted = set(args.models.split(","))
+    if wanted - {"default", "25M"}:
+        ap.error(f"--models: unknown {sorted(wanted - {'default', '25M'})}; choose from default, 25M")
     steps = 6 if args.quick else 24
     micro = 16
     import ray
@@ -141,6 +145,7 @@ def main() -> None:
         LlamaForCausalLM(BIG.to_config()).save_pretrained(big_dir)
         build_char_tokenizer().save_pretrained(big_dir)
         models = {"default policy": str(ROOT / "artifacts" / "policy"), "25M": str(big_dir)}
+        models = {k: v for k, v in models.items() if k.split()[0] in wanted}
         examples = [r for r in pq.read_table(data / "data").to_pylist()]
         random.Random(0).shuffle(examples)
         examples = [{"prompt": e["prompt"], "response": e["response"], "label": int(e["correct"]),
@@ -153,6 +158,12 @@ def main() -> None:
             r["plain_with_ref_every_step"] = plain_loop(path, examples, micro, steps, with_ref=True)
             r["ray_1x2"] = ray_run(path, data, tmp / f"{name}-1", micro, steps, workers=1, threads=2)
             r["ray_2x1"] = ray_run(path, data, tmp / f"{name}-2", micro, steps, workers=2, threads=1)
+            # The plain loop again after the Ray runs: one disturbed measurement (the machine is
+            # shared) should not decide the overhead, so the faster of the two is the baseline.
+            again = plain_loop(path, examples, micro, steps, with_ref=False)
+            r["plain_runs_tokens_per_s"] = [r["plain"]["tokens_per_s"], again["tokens_per_s"]]
+            if again["tokens_per_s"] > r["plain"]["tokens_per_s"]:
+                r["plain"] = again
             for key in ("plain", "ray_1x2", "ray_2x1"):
                 r[key]["flops_fraction_of_bf16_peak"] = 6 * params * r[key]["tokens_per_s"] / peak["bf16"]
             r["ray_overhead_1x2"] = 1 - r["ray_1x2"]["tokens_per_s"] / r["plain"]["tokens_per_s"]
@@ -160,6 +171,12 @@ def main() -> None:
             r["precomputed_ref_speedup"] = r["plain"]["tokens_per_s"] / r["plain_with_ref_every_step"]["tokens_per_s"]
             results["models"][name] = r
             print(json.dumps(r, indent=1), flush=True)
+    # The peak again at the end: the faster of two measurements is the machine's, not its neighbours'.
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        peak[name] = max(peak[name], matmul_peak(dt))
+    for r in results["models"].values():
+        for key in ("plain", "ray_1x2", "ray_2x1"):
+            r[key]["flops_fraction_of_bf16_peak"] = 6 * r["params"] * r[key]["tokens_per_s"] / peak["bf16"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nbf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s\n")
