@@ -106,7 +106,7 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
     return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{_hash(key)}"
 
 
-def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path) -> TrainConfig:
+def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:
     tc = copy.deepcopy(cfg.train)
     tc.data, tc.model, tc.ref_model = str(data), cfg.policy, cfg.reference
     tc.reference = spec.reference_train
@@ -118,7 +118,10 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path) -> TrainConfig:
         tc.ray_address = cfg.ray_address
     key = to_dict(tc)
     key.pop("out")
+    key.pop("ref_cache")  # where the reference log-probs come from does not change the PRM
     tc.out = str(Path(cfg.runs_dir) / "prms" / f"{spec.name}-{_hash(key)}")
+    if ref_cache is not None and tc.reference:
+        tc.ref_cache = str(ref_cache)
     return tc
 
 
@@ -215,6 +218,16 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         stages.append({"stage": "reference log-probs (test)", "wall_s": 0.0 if info["reused"] else info["seconds"],
                        "reused": info["reused"], "flops": 2.0 * params * stages[2]["generated_tokens"]})
 
+    # ... and of the training responses, once for every PRM trained with a reference (each run
+    #     takes a subset of them: k responses, a fraction of instructions, pairs).
+    train_ref = None
+    if any(s.reference_train and not s.undefined for s in specs):
+        train_ref = train_data / f"ref-logprobs-{_hash([reference, cfg.eval.dtype])}"
+        log(f"reference log-probs of the training responses -> {train_ref}")
+        info = reference_logprobs(train_data, reference, train_ref, cfg.eval)
+        stages.append({"stage": "reference log-probs (train)", "wall_s": 0.0 if info["reused"] else info["seconds"],
+                       "reused": info["reused"], "flops": 2.0 * params * stages[1]["generated_tokens"]})
+
     # 4. Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
     #    best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
     base_problems = problems_from_scores(_zero_scores(test_data), "min")
@@ -233,7 +246,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
             log(f"{spec.name}: not defined ({spec.undefined})")
             results.append({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None})
             continue
-        tc = train_config(cfg, spec, train_data)
+        tc = train_config(cfg, spec, train_data, train_ref)
         log(f"{spec.name}: training -> {tc.out}")
         t0 = time.time()
         report = train_prm(tc, progress=False)
@@ -251,9 +264,11 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         log(f"{spec.name}: bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
             f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
         ds = report.get("dataset", {})
+        # The reference forward covers the sequences the shared pass did not (approximately: their share).
+        rp = report.get("reference_pass") or {}
+        ref_share = rp.get("scored", 1) / max(rp.get("distinct_sequences", 1), 1) if spec.reference_train else 0.0
         stages.append({"stage": f"train {spec.name}", "wall_s": train_wall, "reused": report.get("reused", False),
-                       "flops": 6.0 * params * tokens + (2.0 * params * tokens / max(tc.epochs, 1)
-                                                         if spec.reference_train else 0.0),
+                       "flops": 6.0 * params * tokens + 2.0 * params * tokens / max(tc.epochs, 1) * ref_share,
                        "train_tokens": tokens})
         stages.append({"stage": f"eval {spec.name}", "wall_s": eval_wall, "reused": ev["reused"],
                        "flops": 2.0 * params * stages[2]["generated_tokens"]})

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from prm_ray.config import ConfigError, from_dict, save_config, to_dict
 from prm_ray.datasets import DatasetConfig, build_examples
@@ -86,6 +87,10 @@ class TrainConfig:
     max_failures: int = 2
     storage_path: str | None = None  # Ray Train storage; must be shared (e.g. s3://) on multi-node
     ref_pass: RefPassConfig = field(default_factory=RefPassConfig)
+    # Per-token reference log-probs of the rollouts, computed once per rollout set by
+    # `prm_ray.evaluate.reference_logprobs`; responses found there skip the reference pass, so runs
+    # on subsets of one rollout set (k responses, a fraction of instructions, pairs) share one pass.
+    ref_cache: str | None = None
     seed: int = 0
     ray_address: str | None = None
     # Test hook: SIGKILL the worker of this rank at this step on the first attempt.
@@ -176,8 +181,31 @@ class SequenceLogprobs:
         return batch
 
 
-def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) -> tuple[str, float]:
-    """Write the examples with reference log-prob columns to Parquet; returns (path, seconds)."""
+def load_ref_cache(path: str | Path, ref_model: str) -> dict[tuple[str, str], float]:
+    """``(prompt, response) -> sum of reference log-probs`` from a ``reference_logprobs`` output."""
+    import pyarrow.dataset as pads
+
+    from prm_ray.evaluate import REF_DONE
+
+    path = Path(path)
+    done = path / REF_DONE
+    if not done.exists():
+        raise ConfigError(f"ref_cache: {path} is not a finished reference log-prob pass (no {REF_DONE})")
+    cached_model = json.loads(done.read_text())["key"]["ref_model"]
+    if cached_model != ref_model:
+        raise ConfigError(f"ref_cache: {path} holds log-probs of {cached_model!r}, but the reference "
+                          f"model is {ref_model!r}")
+    t = pads.dataset(str(path / "data"), format="parquet").to_table(columns=["prompt", "response", "ref_token_logp"])
+    return {(p, r): float(sum(lp)) for p, r, lp in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist(),
+                                                        t.column("ref_token_logp").to_pylist())}
+
+
+def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) -> tuple[str, float, dict]:
+    """Write the examples with reference log-prob columns to Parquet; returns (path, seconds, counts).
+
+    Each distinct (prompt, response) is scored once: DPO pairs share responses, and responses found
+    in ``cfg.ref_cache`` are not scored at all. The examples keep their order.
+    """
     import ray
 
     objective = cfg.dataset.objective
@@ -185,26 +213,40 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
     t0 = time.time()
     if path.exists():
         shutil.rmtree(path)
-    # Several blocks per replica, so every actor gets work.
-    ds = ray.data.from_arrow(examples).repartition(4 * cfg.ref_pass.replicas)
-    if cfg.reference:
+    path.mkdir(parents=True)
+    cols = {c: examples.column(c).to_pylist() for c in {"prompt"} | {r for _, r, _ in ref_columns(objective)}}
+    wanted = {(p, r) for _, rc, _ in ref_columns(objective) for p, r in zip(cols["prompt"], cols[rc])}
+    known: dict[tuple[str, str], float] = {}
+    if not cfg.reference:
+        known = dict.fromkeys(wanted, 0.0)  # "w/o ref": log pi_ref := 0, the reward is beta * log pi_phi
+    elif cfg.ref_cache:
+        cache = load_ref_cache(cfg.ref_cache, cfg.reference_path)
+        known = {k: cache[k] for k in wanted if k in cache}
+    missing = sorted(wanted - known.keys())
+    if missing:
         rp = cfg.ref_pass
+        todo = pa.table({"prompt": [p for p, _ in missing], "response": [r for _, r in missing]})
+        ds = ray.data.from_arrow(todo).repartition(4 * rp.replicas)  # several blocks per replica
         ds = ds.map_batches(
             SequenceLogprobs, batch_size=rp.batch_size, batch_format="pyarrow", concurrency=rp.replicas,
             num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-            fn_constructor_kwargs={"model": cfg.reference_path, "columns": ref_columns(objective),
+            fn_constructor_kwargs={"model": cfg.reference_path, "columns": UNPAIRED_REF,
                                    "micro_batch_size": rp.micro_batch_size, "threads": rp.threads},
         )
-    else:
-        # "w/o ref": log pi_ref := 0, so the implicit reward is beta * log pi_phi.
-        def zeros(batch: pa.Table) -> pa.Table:
-            for *_, col in ref_columns(objective):
-                batch = batch.append_column(col, pa.array([0.0] * batch.num_rows, pa.float64()))
-            return batch
-
-        ds = ds.map_batches(zeros, batch_format="pyarrow")
-    ds.write_parquet(str(path))
-    return str(path), time.time() - t0
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            known.update(zip(zip(batch.column("prompt").to_pylist(), batch.column("response").to_pylist()),
+                             batch.column("ref_logp").to_pylist()))
+    for _, rc, out_col in ref_columns(objective):
+        examples = examples.append_column(
+            out_col, pa.array([known[(p, r)] for p, r in zip(cols["prompt"], cols[rc])], pa.float64()))
+    # Several files, so Ray Train's split hands every worker blocks of its own.
+    n_files = max(1, min(4 * cfg.num_workers, examples.num_rows))
+    step = -(-examples.num_rows // n_files)
+    for i in range(0, examples.num_rows, step):
+        pq.write_table(examples.slice(i, step), path / f"part-{i // step:05d}.parquet")
+    counts = {"distinct_sequences": len(wanted), "from_cache": len(wanted) - len(missing) if cfg.reference else 0,
+              "scored": len(missing)}
+    return str(path), time.time() - t0, counts
 
 
 # ------------------------------------------------------------------------------------------
@@ -510,7 +552,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
                          "(e.g. DPO needs a correct and an incorrect response per instruction)")
     init_ray(cfg.ray_address)
     examples = examples.take(_permutation(examples.num_rows, cfg.seed))
-    path, timings["reference_pass_s"] = add_reference_logprobs(examples, cfg, out)
+    path, timings["reference_pass_s"], ref_counts = add_reference_logprobs(examples, cfg, out)
 
     per_step = cfg.global_batch_size
     steps_per_epoch = examples.num_rows // per_step
@@ -560,7 +602,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     plot_metrics(history, out / "training_curves.png", title=f"{cfg.dataset.objective} (beta {cfg.beta})")
     report = {
         "status": "finished", "config": to_dict(cfg), "steps": total_steps, "examples": examples.num_rows,
-        "dataset": data_report, "timings": timings, "final_metrics": history[-1] if history else None,
+        "dataset": data_report, "timings": timings, "reference_pass": ref_counts, "final_metrics": history[-1] if history else None,
         "restarts": _restarts(history),
         "attempts": [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()],
     }

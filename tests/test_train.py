@@ -90,3 +90,37 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rol
     assert report["restarts"] >= 1
     history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == report["steps"]
+
+
+def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_trained_policy, rollouts, tmp_path):
+    """DPO pairs share responses: each distinct one is scored once, with the same values as a
+    per-token cache of the rollouts (what a study computes once), which skips the pass entirely."""
+    import pyarrow.parquet as pq
+
+    from prm_ray.datasets import build_examples
+    from prm_ray.evaluate import EvaluateConfig, reference_logprobs
+    from prm_ray.train import add_reference_logprobs
+
+    policy = tiny_trained_policy[0].out
+    cfg = _cfg(policy, rollouts, tmp_path / "x", dataset=DatasetConfig(objective="dpo"))
+    examples, report = build_examples(cfg.data, cfg.dataset)
+    assert report["pairs"] > 0
+    path, _, counts = add_reference_logprobs(examples, cfg, tmp_path / "fresh")
+    distinct = {(p, r) for p, c, j in zip(*(examples.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")))
+                for r in (c, j)}
+    assert counts == {"distinct_sequences": len(distinct), "from_cache": 0, "scored": len(distinct)}
+    fresh = pq.read_table(path)
+    assert fresh.column("chosen").to_pylist() == examples.column("chosen").to_pylist()  # order kept
+
+    cache = tmp_path / "cache"
+    reference_logprobs(rollouts, policy, cache, EvaluateConfig())
+    cfg.ref_cache = str(cache)
+    path, _, counts = add_reference_logprobs(examples, cfg, tmp_path / "cached")
+    assert counts["from_cache"] == len(distinct) and counts["scored"] == 0
+    cached = pq.read_table(path)
+    for col in ("ref_logp_chosen", "ref_logp_rejected"):
+        assert cached.column(col).to_pylist() == pytest.approx(fresh.column(col).to_pylist(), abs=1e-4)
+
+    cfg.ref_model = str(tmp_path / "another-model")
+    with pytest.raises(ValueError, match="ref_cache"):
+        add_reference_logprobs(examples, cfg, tmp_path / "wrong")
