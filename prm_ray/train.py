@@ -46,6 +46,7 @@ class RefPassConfig:
     micro_batch_size: int = 16
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    accelerator_type: str | None = None  # e.g. "A10G": the autoscaler starts that GPU type
     threads: int = 1
 
 
@@ -191,7 +192,7 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
         rp = cfg.ref_pass
         ds = ds.map_batches(
             SequenceLogprobs, batch_size=rp.batch_size, batch_format="pyarrow", concurrency=rp.replicas,
-            num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+            num_cpus=rp.num_cpus, num_gpus=rp.num_gpus, accelerator_type=rp.accelerator_type,
             fn_constructor_kwargs={"model": cfg.reference_path, "columns": ref_columns(objective),
                                    "micro_batch_size": rp.micro_batch_size, "threads": rp.threads},
         )
