@@ -3,7 +3,7 @@
 
     python jobs/scale_responses.py                                    # embedded default, ~25 min here
     ray job submit --working-dir . -- python jobs/scale_responses.py --runs_dir $PWD/runs
-    python jobs/scale_responses.py --config configs/llama3-8b-math-study.yaml   # a GPU cluster
+    python jobs/scale_responses.py --config configs/llama3-8b-math.yaml   # a GPU cluster
 
 Writes runs/<name>/report.md, report.json, bon_vs_n.png, scaling.png, stages.png, config.yaml.
 Finished stages (rollouts, PRMs, evaluations) are reused when the job is submitted again.

@@ -2,7 +2,7 @@
 
     python jobs/train_prm.py --data runs/rollouts/train --model artifacts/policy \\
         --objective ce --num-workers 2 --out runs/prm-ce
-    ray job submit --working-dir . -- python jobs/train_prm.py --config configs/llama3-8b-math.yaml
+    ray job submit --working-dir . -- python jobs/train_prm.py --config configs/llama3-8b-math-train.yaml
 
 The output directory is a Hugging Face model directory: load it with
 `prm_ray.ImplicitPRM.from_pretrained(<out>, ref_path=<policy>)` or vLLM. A finished run is not

@@ -57,6 +57,7 @@ class EvaluateConfig:
     replicas: int = 2
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    accelerator_type: str | None = None  # e.g. "A10G": the autoscaler starts that GPU type
     threads: int = 1
     dtype: str = "float32"
 
@@ -214,7 +215,7 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     t0 = time.time()
     ds = _read(rollouts, ROLLOUT_COLUMNS, 4 * cfg.replicas)
     ds = ds.map_batches(_Scorer, batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.replicas,
-                        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, accelerator_type=cfg.accelerator_type,
                         fn_constructor_kwargs={"model": ref_model, "mode": "ref", "dtype": cfg.dtype,
                                                "micro_batch_size": cfg.micro_batch_size, "threads": cfg.threads})
     ds.write_parquet(str(out / "data"))
@@ -234,7 +235,7 @@ def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta
     cols = ROLLOUT_COLUMNS + (["ref_token_logp"] if cfg.reference else [])
     ds = _read(data, cols, 4 * cfg.replicas)
     ds = ds.map_batches(_Scorer, batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.replicas,
-                        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, accelerator_type=cfg.accelerator_type,
                         fn_constructor_kwargs={"model": prm, "mode": "prm", "beta": beta, "dtype": cfg.dtype,
                                                "micro_batch_size": cfg.micro_batch_size,
                                                "use_ref": cfg.reference, "threads": cfg.threads})

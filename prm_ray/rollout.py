@@ -131,6 +131,10 @@ class RolloutConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.engine.replicas < 1 or self.verifier.replicas < 1:
             raise ConfigError("engine.replicas and verifier.replicas must be >= 1")
+        if self.engine.num_gpus and self.engine.num_gpus != self.engine.tensor_parallel_size:
+            # The replica's actor holds the GPUs that vLLM's tensor-parallel workers run on.
+            raise ConfigError(f"engine.num_gpus ({self.engine.num_gpus:g}) must equal "
+                              f"engine.tensor_parallel_size ({self.engine.tensor_parallel_size})")
 
 
 def make_task(cfg: RolloutConfig):

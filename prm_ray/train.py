@@ -47,6 +47,7 @@ class RefPassConfig:
     micro_batch_size: int = 16
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    accelerator_type: str | None = None  # e.g. "A10G": the autoscaler starts that GPU type
     threads: int = 1
 
 
@@ -229,7 +230,7 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
         ds = ray.data.from_arrow(todo).repartition(4 * rp.replicas)  # several blocks per replica
         ds = ds.map_batches(
             SequenceLogprobs, batch_size=rp.batch_size, batch_format="pyarrow", concurrency=rp.replicas,
-            num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+            num_cpus=rp.num_cpus, num_gpus=rp.num_gpus, accelerator_type=rp.accelerator_type,
             fn_constructor_kwargs={"model": cfg.reference_path, "columns": UNPAIRED_REF,
                                    "micro_batch_size": rp.micro_batch_size, "threads": rp.threads},
         )
@@ -532,6 +533,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from prm_ray.rollout import init_ray
+    from prm_ray.storage import run_exists, train_run_location
 
     out = Path(cfg.out).resolve()
     done = _finished(out, cfg)
@@ -563,8 +565,9 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     metrics_path = out / "metrics.jsonl"
+    storage, run_name = train_run_location(cfg.storage_path, out)
     for stale in (metrics_path, out / "attempts.jsonl", out / ".debug_killed"):
-        if stale.exists() and not (out / "ray").exists():
+        if stale.exists() and not run_exists(storage, run_name):
             stale.unlink()
 
     _warn_if_ingest_starves(cfg)
@@ -572,7 +575,6 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, accelerator_type=cfg.accelerator_type,
         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
     )
-    storage = cfg.storage_path or str(out / "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "total_steps": total_steps, "rows": examples.num_rows,
@@ -581,7 +583,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": ray.data.read_parquet(path)},
         run_config=RunConfig(
-            name="train", storage_path=storage,
+            name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

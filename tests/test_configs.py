@@ -21,7 +21,7 @@ def test_shipped_config_is_valid(name, cls):
 def test_shipped_study_config_is_valid():
     from prm_ray.study import CompareObjectivesConfig, ScaleResponsesConfig
 
-    data = load_yaml(CONFIGS / "llama3-8b-math-study.yaml")
+    data = load_yaml(CONFIGS / "llama3-8b-math.yaml")
     cfg = from_dict(ScaleResponsesConfig, data)
     assert cfg.policy.endswith("Llama-3.1-8B-Instruct") and not cfg.bootstrap_if_missing
     assert cfg.test_rollouts.task == "math" and cfg.test_rollouts.sampling.n == 64
