@@ -14,6 +14,7 @@ Departures from the paper's code (OpenRLHF fork, one ~460-line trainer per loss)
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -535,6 +536,7 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     from prm_ray.rollout import init_ray
     from prm_ray.storage import run_exists, train_run_location
 
+    cfg = _absolute_paths(cfg)
     out = Path(cfg.out).resolve()
     done = _finished(out, cfg)
     if done:
@@ -611,6 +613,17 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     report["reused"] = False
     return report
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Ray Train workers do not run in the driver's directory: a relative local path would be
+    looked up on the Hugging Face hub there. Hub ids (no such local path) are left as they are."""
+    cfg = copy.deepcopy(cfg)
+    for name in ("data", "model", "ref_model", "ref_cache", "out"):
+        value = getattr(cfg, name)
+        if value and "://" not in value and (name == "out" or Path(value).exists()):
+            setattr(cfg, name, str(Path(value).resolve()))
+    return cfg
 
 
 def _warn_if_ingest_starves(cfg: TrainConfig) -> None:

@@ -124,3 +124,17 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     cfg.ref_model = str(tmp_path / "another-model")
     with pytest.raises(ValueError, match="ref_cache"):
         add_reference_logprobs(examples, cfg, tmp_path / "wrong")
+
+
+def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers run elsewhere: `--model artifacts/policy` must not become a hub lookup."""
+    from prm_ray.train import _absolute_paths
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "rollouts").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolute_paths(TrainConfig(data="rollouts", model="policy", ref_model="meta-llama/Llama-3.1-8B-Instruct",
+                                      out="runs/prm"))
+    assert cfg.data == str(tmp_path / "rollouts") and cfg.model == str(tmp_path / "policy")
+    assert cfg.out == str(tmp_path / "runs" / "prm")
+    assert cfg.ref_model == "meta-llama/Llama-3.1-8B-Instruct"  # a hub id stays a hub id
