@@ -24,6 +24,7 @@ from prm_ray.bootstrap import BootstrapConfig
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
 from prm_ray.rollout import RolloutConfig, SamplingConfig
+from prm_ray.losses import get_objective
 from prm_ray.train import TrainConfig
 
 KINDS = ("bon", "weighted_mv", "majority", "pass")
@@ -40,9 +41,20 @@ def _test_rollouts() -> RolloutConfig:
 
 
 def _train() -> TrainConfig:
-    # One epoch at lr 1e-4: on the validation split (never the test problems) this gave best-of-16
-    # 67.9% against 64.4% for 2 epochs at 5e-4 (docs/evaluation.md), and it fits the 30-minute budget.
-    return TrainConfig(epochs=1, lr=1e-4)
+    # Chosen on the validation split, never the test problems (docs/evaluation.md):
+    # - one epoch at lr 1e-4 (best-of-16 67.9% against 64.4% for 2 epochs at 5e-4, with the
+    #   reference; 78.7% against 73.2% without it at inference);
+    # - no reference in training either (paper Table 4, "w/o ref"): 79.7% against 78.7%;
+    # (DPO/NCA pairs per instruction: StudyConfig.max_pairs_per_instruction.)
+    return TrainConfig(epochs=1, lr=1e-4, reference=False)
+
+
+def _eval() -> EvaluateConfig:
+    # Best-of-N scores drop the reference at inference (paper section 5.3.2): with a strong
+    # reference, a good step is likely under both models (ratio near 0) and a bad one unlikely under
+    # both (ratio near 0 or above), which confuses response selection. bf16 scoring: 1.5x faster
+    # here, best-of-16 on validation 79.3% against 79.7% in fp32 (docs/evaluation.md).
+    return EvaluateConfig(reference=False, dtype="bfloat16")
 
 
 @dataclass
@@ -61,8 +73,12 @@ class StudyConfig:
     train_rollouts: RolloutConfig = field(default_factory=_train_rollouts)
     test_rollouts: RolloutConfig = field(default_factory=_test_rollouts)
     train: TrainConfig = field(default_factory=_train)
-    eval: EvaluateConfig = field(default_factory=EvaluateConfig)
+    eval: EvaluateConfig = field(default_factory=_eval)
     headline_n: int = 16  # the N of the scaling plot and the summary line
+    # Pairs per instruction for DPO/NCA (sets train.dataset.max_pairs_per_instruction of paired
+    # objectives; null: every correct x incorrect pair, as the paper). 4 keeps about 40% of the pairs
+    # at 8 responses per instruction, which the 30-minute budget of the default study needs.
+    max_pairs_per_instruction: int | None = 4
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,8 +101,8 @@ class PRMSpec:
     responses_per_instruction: int | None = None
     instruction_fraction: float = 1.0
     balance: str = "none"
-    reference_train: bool = True
-    reference_infer: bool = True
+    reference_train: bool | None = None  # None: the study's `train.reference`
+    reference_infer: bool | None = None  # None: the study's `eval.reference`
     undefined: str | None = None  # set when the cell does not exist (e.g. DPO with 1 response)
     axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
 
@@ -109,9 +125,11 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
 def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:
     tc = copy.deepcopy(cfg.train)
     tc.data, tc.model, tc.ref_model = str(data), cfg.policy, cfg.reference
-    tc.reference = spec.reference_train
+    if spec.reference_train is not None:
+        tc.reference = spec.reference_train
     ds = tc.dataset
     ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
+    ds.max_pairs_per_instruction = cfg.max_pairs_per_instruction if get_objective(spec.objective).paired else None
     ds.instruction_fraction, ds.balance = spec.instruction_fraction, spec.balance
     ds.__post_init__()  # validate the combination
     if cfg.ray_address:
@@ -208,20 +226,20 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     test_data, st = _rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
     stages.append(st)
 
-    # 3. Reference log-probs of the test responses, once for every PRM.
+    # 3. Reference log-probs of the test responses, once: the likelihood baseline (the reference
+    #    itself as the reward model, paper Table 4) and every PRM scored with the reference read them.
     reference = cfg.reference or cfg.policy
-    need_ref = any(s.reference_infer and not s.undefined for s in specs)
     ref_data = test_data / f"ref-logprobs-{_hash([reference, cfg.eval.dtype])}"
-    if need_ref:
-        log(f"reference log-probs of the test responses -> {ref_data}")
-        info = reference_logprobs(test_data, reference, ref_data, cfg.eval)
-        stages.append({"stage": "reference log-probs (test)", "wall_s": 0.0 if info["reused"] else info["seconds"],
-                       "reused": info["reused"], "flops": 2.0 * params * stages[2]["generated_tokens"]})
+    log(f"reference log-probs of the test responses -> {ref_data}")
+    info = reference_logprobs(test_data, reference, ref_data, cfg.eval)
+    stages.append({"stage": "reference log-probs (test)", "wall_s": 0.0 if info["reused"] else info["seconds"],
+                   "reused": info["reused"], "flops": 2.0 * params * stages[2]["generated_tokens"]})
 
     # ... and of the training responses, once for every PRM trained with a reference (each run
     #     takes a subset of them: k responses, a fraction of instructions, pairs).
     train_ref = None
-    if any(s.reference_train and not s.undefined for s in specs):
+    if any((cfg.train.reference if s.reference_train is None else s.reference_train) and not s.undefined
+           for s in specs):
         train_ref = train_data / f"ref-logprobs-{_hash([reference, cfg.eval.dtype])}"
         log(f"reference log-probs of the training responses -> {train_ref}")
         info = reference_logprobs(train_data, reference, train_ref, cfg.eval)
@@ -232,15 +250,17 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     #    best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
     base_problems = problems_from_scores(_zero_scores(test_data), "min")
     baseline = metrics(base_problems, cfg.eval)
-    likelihood = metrics(problems_from_scores(_likelihood_scores(ref_data), "min"), cfg.eval) if need_ref else None
+    likelihood = metrics(problems_from_scores(_likelihood_scores(ref_data), "min"), cfg.eval)
 
     # 5. Train and evaluate every PRM.
     results = []
     for spec in specs:
+        infer_ref = cfg.eval.reference if spec.reference_infer is None else spec.reference_infer
+        train_with_ref = cfg.train.reference if spec.reference_train is None else spec.reference_train
         entry = {"name": spec.name, "objective": spec.objective,
                  "responses_per_instruction": spec.responses_per_instruction or cfg.train_rollouts.sampling.n,
                  "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,
-                 "reference": spec.reference_train, "reference_at_inference": spec.reference_infer,
+                 "reference": train_with_ref, "reference_at_inference": infer_ref,
                  "axis": spec.axis}
         if spec.undefined:
             log(f"{spec.name}: not defined ({spec.undefined})")
@@ -253,11 +273,11 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         train_wall = time.time() - t0
         tokens = _train_tokens(report, Path(tc.out))
         ecfg = copy.deepcopy(cfg.eval)
-        ecfg.reference = spec.reference_infer
+        ecfg.reference = infer_ref
         log(f"{spec.name}: evaluating on {stages[2]['instructions']} test problems x "
             f"{cfg.test_rollouts.sampling.n}")
         t0 = time.time()
-        ev = evaluate_prm(tc.out, ref_data if spec.reference_infer else test_data,
+        ev = evaluate_prm(tc.out, ref_data if infer_ref else test_data,
                           run_dir / "eval" / spec.name, ecfg)
         eval_wall = time.time() - t0
         m = ev["metrics"]
@@ -266,7 +286,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         ds = report.get("dataset", {})
         # The reference forward covers the sequences the shared pass did not (approximately: their share).
         rp = report.get("reference_pass") or {}
-        ref_share = rp.get("scored", 1) / max(rp.get("distinct_sequences", 1), 1) if spec.reference_train else 0.0
+        ref_share = rp.get("scored", 1) / max(rp.get("distinct_sequences", 1), 1) if train_with_ref else 0.0
         stages.append({"stage": f"train {spec.name}", "wall_s": train_wall, "reused": report.get("reused", False),
                        "flops": 6.0 * params * tokens + 2.0 * params * tokens / max(tc.epochs, 1) * ref_share,
                        "train_tokens": tokens})
@@ -395,7 +415,7 @@ def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
     if cfg.reference_ablation:
         for train_ref in (True, False):
             for infer_ref in (True, False):
-                if train_ref and infer_ref and "ce" in cfg.objectives:
+                if train_ref == cfg.train.reference and infer_ref == cfg.eval.reference and "ce" in cfg.objectives:
                     continue  # the plain CE row above
                 label = f"ce ref train={'on' if train_ref else 'off'} infer={'on' if infer_ref else 'off'}"
                 specs.append(PRMSpec(label.replace(" ", "_").replace("=", "-"), objective="ce",

@@ -28,8 +28,10 @@ def _tiny(policy: str, runs: Path) -> dict:
         "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
         "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
         "train": {"beta": 0.5, "lr": 3e-3, "epochs": 2, "global_batch_size": 16, "micro_batch_size": 8,
-                  "num_workers": 1, "cpus_per_worker": 0.5, "warmup_ratio": 0.0},
-        "eval": {"replicas": 1, "batch_size": 32},
+                  "num_workers": 1, "cpus_per_worker": 0.5, "warmup_ratio": 0.0, "reference": True},
+        # With the reference at training and inference (not the study default): exercises the
+        # shared reference passes of the training and the test responses.
+        "eval": {"replicas": 1, "batch_size": 32, "reference": True, "dtype": "float32"},
     }
 
 
@@ -53,7 +55,7 @@ def test_grids():
     cmp = compare_objectives_specs(CompareObjectivesConfig())
     assert [(s.objective, s.balance) for s in cmp[:6]] == [("ce", "none"), ("ce", "dataset"), ("ce", "instruction"),
                                                            ("dpo", "none"), ("kto", "none"), ("nca", "none")]
-    assert {(s.reference_train, s.reference_infer) for s in cmp[6:]} == {(True, False), (False, True), (False, False)}
+    assert {(s.reference_train, s.reference_infer) for s in cmp[6:]} == {(True, True), (True, False), (False, True)}
 
 
 def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, tmp_path):
