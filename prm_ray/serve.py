@@ -578,7 +578,7 @@ class PRMScorer:
             return model.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors(include_input=False)[0]
-            raise InvalidRequest(field_name(err["loc"]), err["msg"]) from None
+            raise InvalidRequest(field_name(err["loc"]), err["msg"].removeprefix("Value error, ")) from None
 
     # -- Python handle API ---------------------------------------------------------------------
 
@@ -658,8 +658,8 @@ def build_fastapi(scorer: PRMScorer):
             if e.get("type") == "json_invalid":
                 name = "body"
                 msg = f"not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
-            else:
-                msg = e.get("msg", "invalid")
+            else:  # pydantic prefixes our own validators' messages; the field name says enough
+                msg = e.get("msg", "invalid").removeprefix("Value error, ")
             errors.append({"field": name, "error": msg, "type": e.get("type")})
         first = errors[0] if errors else {"field": "body", "error": "invalid request"}
         return JSONResponse({"error": f"{first['field']}: {first['error']}", "field": first["field"],
