@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--num-replicas", type=int, default=1, help="replicas per deployment (each its own process)")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     ap.add_argument("--quick", action="store_true")
@@ -267,6 +268,7 @@ def main() -> None:
     for name, overrides, path, payloads, conc, per in phases:
         fields = dict(prm=args.model, ref=args.model, beta=0.05, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, torch_threads=args.threads,
+                      num_replicas=args.num_replicas,
                       name="prm-scorer-bench")
         cfg = ServeConfig(**{**fields, **overrides})
         t0 = time.perf_counter()
