@@ -85,7 +85,7 @@ def markdown(report: dict) -> str:
                      f"{r['reference_at_inference']} | {t.get('examples', '-')} | {t.get('steps', '-')} |")
     lines += ["", "## Wall time and compute per stage", "",
               "Compute is estimated as 2 x parameters x tokens for generation and scoring, 6 x parameters "
-              "x tokens for training (plus 2 x for its one reference pass). `reused`: finished by an earlier "
+              "x tokens for training (plus 2 x for the reference forward when trained with the reference). `reused`: finished by an earlier "
               "run of this or another study, so this run's wall time is only the check.", "",
               "| stage | wall s | reused | compute (PFLOP) |", "|---|---|---|---|"]
     for s in report["stages"]:
