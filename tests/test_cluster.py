@@ -172,6 +172,9 @@ def test_reference_pass_asks_ray_data_for_its_accelerator_type(monkeypatch, tmp_
     calls = []
 
     class Recorder:
+        def __init__(self, table):
+            self.table = table
+
         def repartition(self, n):
             return self
 
@@ -179,10 +182,10 @@ def test_reference_pass_asks_ray_data_for_its_accelerator_type(monkeypatch, tmp_
             calls.append(kwargs)
             return self
 
-        def write_parquet(self, path):
-            pass
+        def iter_batches(self, **kwargs):  # the reference pass's output: one log-prob per sequence
+            yield self.table.append_column("ref_logp", pa.array([0.0] * self.table.num_rows, pa.float64()))
 
-    monkeypatch.setattr(ray.data, "from_arrow", lambda table: Recorder())
+    monkeypatch.setattr(ray.data, "from_arrow", Recorder)
     examples = pa.table({"prompt": ["1+1"], "response": ["2"], "label": [1.0]})
     add_reference_logprobs(examples, TrainConfig(ref_pass=RefPassConfig(num_gpus=1, accelerator_type="A10G")),
                            tmp_path)
