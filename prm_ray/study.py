@@ -16,7 +16,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
 from prm_ray.rollout import RolloutConfig, SamplingConfig
 from prm_ray.losses import get_objective
-from prm_ray.train import TrainConfig
+from prm_ray.train import TRAIN_REF_DTYPE, TrainConfig
 
 KINDS = ("bon", "weighted_mv", "majority", "pass")
 
@@ -106,6 +106,11 @@ class PRMSpec:
     undefined: str | None = None  # set when the cell does not exist (e.g. DPO with 1 response)
     axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
 
+    def uses_reference(self, cfg: "StudyConfig") -> tuple[bool, bool]:
+        """(in training, at inference): this row's own choice, else the study's."""
+        return (cfg.train.reference if self.reference_train is None else self.reference_train,
+                cfg.eval.reference if self.reference_infer is None else self.reference_infer)
+
 
 def _is_local(path: str) -> bool:
     return Path(path).exists() or path.startswith((".", "/", "~"))
@@ -125,8 +130,7 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
 def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:
     tc = copy.deepcopy(cfg.train)
     tc.data, tc.model, tc.ref_model = str(data), cfg.policy, cfg.reference
-    if spec.reference_train is not None:
-        tc.reference = spec.reference_train
+    tc.reference = spec.uses_reference(cfg)[0]
     ds = tc.dataset
     ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
     ds.max_pairs_per_instruction = cfg.max_pairs_per_instruction if get_objective(spec.objective).paired else None
@@ -238,11 +242,12 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     # ... and of the training responses, once for every PRM trained with a reference (each run
     #     takes a subset of them: k responses, a fraction of instructions, pairs).
     train_ref = None
-    if any((cfg.train.reference if s.reference_train is None else s.reference_train) and not s.undefined
-           for s in specs):
-        train_ref = train_data / f"ref-logprobs-{_hash([reference, cfg.eval.dtype])}"
+    #     In float32 whatever eval.dtype says: the training's own reference pass runs in float32,
+    #     and a cached run must train on the same numbers as an uncached one.
+    if any(s.uses_reference(cfg)[0] and not s.undefined for s in specs):
+        train_ref = train_data / f"ref-logprobs-{_hash([reference, TRAIN_REF_DTYPE])}"
         log(f"reference log-probs of the training responses -> {train_ref}")
-        info = reference_logprobs(train_data, reference, train_ref, cfg.eval)
+        info = reference_logprobs(train_data, reference, train_ref, replace(cfg.eval, dtype=TRAIN_REF_DTYPE))
         stages.append({"stage": "reference log-probs (train)", "wall_s": 0.0 if info["reused"] else info["seconds"],
                        "reused": info["reused"], "flops": 2.0 * params * stages[1]["generated_tokens"]})
 
@@ -255,8 +260,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     # 5. Train and evaluate every PRM.
     results = []
     for spec in specs:
-        infer_ref = cfg.eval.reference if spec.reference_infer is None else spec.reference_infer
-        train_with_ref = cfg.train.reference if spec.reference_train is None else spec.reference_train
+        train_with_ref, infer_ref = spec.uses_reference(cfg)
         entry = {"name": spec.name, "objective": spec.objective,
                  "responses_per_instruction": spec.responses_per_instruction or cfg.train_rollouts.sampling.n,
                  "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,

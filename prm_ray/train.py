@@ -130,6 +130,10 @@ PAIRED_REF = [("prompt", "chosen", "ref_logp_chosen"), ("prompt", "rejected", "r
 KTO_REF = UNPAIRED_REF + [("prompt", "kl_response", "ref_logp_kl")]
 
 
+# The training reference pass runs in this dtype; a `ref_cache` must have been computed in it too.
+TRAIN_REF_DTYPE = "float32"
+
+
 def ref_columns(objective: str) -> list[tuple[str, str, str]]:
     if objective == "kto":
         return KTO_REF
@@ -193,10 +197,13 @@ def load_ref_cache(path: str | Path, ref_model: str) -> dict[tuple[str, str], fl
     done = path / REF_DONE
     if not done.exists():
         raise ConfigError(f"ref_cache: {path} is not a finished reference log-prob pass (no {REF_DONE})")
-    cached_model = json.loads(done.read_text())["key"]["ref_model"]
-    if cached_model != ref_model:
-        raise ConfigError(f"ref_cache: {path} holds log-probs of {cached_model!r}, but the reference "
+    key = json.loads(done.read_text())["key"]
+    if key["ref_model"] != ref_model:
+        raise ConfigError(f"ref_cache: {path} holds log-probs of {key['ref_model']!r}, but the reference "
                           f"model is {ref_model!r}")
+    if key["dtype"] != TRAIN_REF_DTYPE:
+        raise ConfigError(f"ref_cache: {path} was computed in {key['dtype']}; training uses "
+                          f"{TRAIN_REF_DTYPE} reference log-probs")
     t = pads.dataset(str(path / "data"), format="parquet").to_table(columns=["prompt", "response", "ref_token_logp"])
     return {(p, r): float(sum(lp)) for p, r, lp in zip(t.column("prompt").to_pylist(), t.column("response").to_pylist(),
                                                         t.column("ref_token_logp").to_pylist())}
@@ -232,7 +239,7 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
         ds = ds.map_batches(
             SequenceLogprobs, batch_size=rp.batch_size, batch_format="pyarrow", concurrency=rp.replicas,
             num_cpus=rp.num_cpus, num_gpus=rp.num_gpus, accelerator_type=rp.accelerator_type,
-            fn_constructor_kwargs={"model": cfg.reference_path, "columns": UNPAIRED_REF,
+            fn_constructor_kwargs={"model": cfg.reference_path, "columns": UNPAIRED_REF, "dtype": TRAIN_REF_DTYPE,
                                    "micro_batch_size": rp.micro_batch_size, "threads": rp.threads},
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -125,6 +125,13 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     with pytest.raises(ValueError, match="ref_cache"):
         add_reference_logprobs(examples, cfg, tmp_path / "wrong")
 
+    # A cache in another dtype (the study's bf16 scoring) would train on other numbers: refused.
+    cfg.ref_model = None
+    reference_logprobs(rollouts, policy, tmp_path / "bf16", EvaluateConfig(dtype="bfloat16"))
+    cfg.ref_cache = str(tmp_path / "bf16")
+    with pytest.raises(ValueError, match="ref_cache: .* bfloat16"):
+        add_reference_logprobs(examples, cfg, tmp_path / "bf16-run")
+
 
 def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     """Ray Train workers run elsewhere: `--model artifacts/policy` must not become a hub lookup."""
