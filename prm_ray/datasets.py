@@ -44,9 +44,15 @@ __all__ = [
     "output_schema",
 ]
 
-OBJECTIVE_PAIRED: dict[str, bool] = {"ce": False, "kto": False, "dpo": True, "nca": True}
+OBJECTIVE_PAIRED: dict[str, bool] = {"ce": False, "kto": False, "dpo": True, "nca": True,
+                                     "math-shepherd-hard": False, "math-shepherd-soft": False}
 """Objective name -> paired? Mirrors ``prm_ray.losses.OBJECTIVES`` (``Objective.paired``); kept
 here so building data does not import torch. ``tests/test_datasets.py`` checks the two agree."""
+
+STEP_LABEL_COLUMNS: dict[str, str] = {"math-shepherd-hard": "step_labels_hard",
+                                      "math-shepherd-soft": "step_labels_soft"}
+"""Explicit-PRM objectives -> the column of step labels they train on (``Objective.step_labels``).
+Their input is a step-labelled dataset (``prm_ray.shepherd``: the rollouts plus step labels)."""
 
 BALANCE_MODES = ("none", "dataset", "instruction")
 
@@ -67,6 +73,9 @@ _UNPAIRED_FIELDS = [
     ("response", pa.string()),
     ("sample_index", pa.int32()),
     ("label", LABEL_TYPE),
+]
+_STEP_FIELDS = [
+    ("step_labels", pa.list_(pa.float32())),  # one label in [0, 1] per step of `response`
 ]
 _KTO_FIELDS = [
     ("kl_instruction_id", pa.string()),  # where kl_response comes from (always != instruction_id)
@@ -94,7 +103,8 @@ def output_schema(objective: str) -> pa.Schema:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(sorted(OBJECTIVE_PAIRED))}")
     if OBJECTIVE_PAIRED[objective]:
         return pa.schema(_PAIRED_FIELDS)
-    return pa.schema(_UNPAIRED_FIELDS + (_KTO_FIELDS if objective == "kto" else []))
+    extra = _KTO_FIELDS if objective == "kto" else _STEP_FIELDS if objective in STEP_LABEL_COLUMNS else []
+    return pa.schema(_UNPAIRED_FIELDS + extra)
 
 
 @dataclass
@@ -121,6 +131,9 @@ class DatasetConfig:
             raise ConfigError(f"instruction_fraction must be a number in (0, 1], got {f!r}")
         if self.balance not in BALANCE_MODES:
             raise ConfigError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
+        if self.objective in STEP_LABEL_COLUMNS and self.balance != "none":
+            raise ConfigError(f"balance={self.balance!r} applies to outcome labels; {self.objective} trains on "
+                              "step labels, use balance='none'")
         if paired and self.balance != "none":
             raise ConfigError(f"balance={self.balance!r} only applies to unpaired objectives (ce, kto); "
                               f"{self.objective} pairs are balanced by construction, use balance='none'")
@@ -213,13 +226,21 @@ def build_examples(rollouts: str | Path | pa.Table, cfg: DatasetConfig) -> tuple
     ``input_rows == sum(rows_dropped) + positives + negatives`` and
     ``input_instructions == sum(instructions_dropped) + instructions_used``.
     """
-    if isinstance(rollouts, pa.Table):
-        _check_columns(rollouts.schema.names, REQUIRED_COLUMNS, "table")
-        table = rollouts.select(list(REQUIRED_COLUMNS))
-        source = "table"
-    else:
-        table = load_rollouts(rollouts, columns=REQUIRED_COLUMNS)
-        source = str(rollouts)
+    step_col = STEP_LABEL_COLUMNS.get(cfg.objective)
+    required = list(REQUIRED_COLUMNS) + ([step_col] if step_col else [])
+    try:
+        if isinstance(rollouts, pa.Table):
+            _check_columns(rollouts.schema.names, required, "table")
+            table = rollouts.select(required)
+            source = "table"
+        else:
+            table = load_rollouts(rollouts, columns=required)
+            source = str(rollouts)
+    except ValueError as exc:
+        if step_col and step_col in str(exc):
+            raise ValueError(f"{exc}. Objective {cfg.objective} trains on step labels: give it the output of "
+                             "the Math-Shepherd labelling (jobs/label_steps.py), not plain rollouts") from None
+        raise
     table = table.combine_chunks()
     paired = OBJECTIVE_PAIRED[cfg.objective]
     seed = cfg.seed
@@ -229,6 +250,8 @@ def build_examples(rollouts: str | Path | pa.Table, cfg: DatasetConfig) -> tuple
     correct = table.column("correct").to_pylist()
     status = table.column("verify_status").to_pylist()
     _validate_rows(table, iids, sidx, correct, status)
+    if step_col:
+        _validate_step_labels(table.column(step_col).to_pylist(), iids, sidx, step_col)
 
     rows_dropped = dict.fromkeys(ROW_DROP_REASONS, 0)
     inst_dropped = dict.fromkeys(INSTRUCTION_DROP_REASONS, 0)
@@ -353,6 +376,13 @@ def _validate_rows(table: pa.Table, iids: list, sidx: list, correct: list, statu
                              f"{counts[bad]} different prompts; expected one prompt per instruction")
 
 
+def _validate_step_labels(labels: list, iids: list, sidx: list, column: str) -> None:
+    for i, row in enumerate(labels):
+        if not row or any(v is None or not 0.0 <= v <= 1.0 for v in row):
+            raise ValueError(f"row {i} ({iids[i]}, sample {sidx[i]}): {column} must be a non-empty list of "
+                             f"numbers in [0, 1], got {row!r}")
+
+
 def _build_pairs(table, ids, by_inst, label, sidx, cfg, rows_dropped, inst_dropped):
     chosen_rows: list[int] = []
     rejected_rows: list[int] = []
@@ -444,6 +474,8 @@ def _unpaired_table(table, flat, rows_by_inst, used, label, sidx, cfg) -> pa.Tab
         "sample_index": pa.array([sidx[i] for i in flat], pa.int32()),
         "label": pa.array([label[i] for i in flat], LABEL_TYPE),
     }
+    if cfg.objective in STEP_LABEL_COLUMNS:
+        cols["step_labels"] = table.column(STEP_LABEL_COLUMNS[cfg.objective]).take(idx).cast(pa.list_(pa.float32()))
     if cfg.objective == "kto":
         kl = _kto_mismatched_rows(rows_by_inst, used, cfg.seed)
         kl_rows = [kl[i] for i in flat]

@@ -78,10 +78,14 @@ class _Scorer:
 
     ``mode="ref"`` adds ``ref_token_logp`` (list<float32>) to each row; ``mode="prm"`` reads it (or
     uses zeros without a reference) and adds step rewards and one score column per aggregation.
+    ``step_label_tokens`` (an explicit PRM, e.g. Math-Shepherd): step scores are
+    ``sigmoid(logit(+) - logit(-))`` at each step's last token instead of log-ratio sums; the
+    step-reward, q-value and aggregation code after that is the same.
     """
 
     def __init__(self, model: str, mode: str, beta: float = 0.05, dtype: str = "float32",
-                 micro_batch_size: int = 32, use_ref: bool = True, threads: int = 1) -> None:
+                 micro_batch_size: int = 32, use_ref: bool = True, threads: int = 1,
+                 step_label_tokens: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -96,6 +100,25 @@ class _Scorer:
         self.mode, self.beta, self.micro, self.use_ref = mode, beta, micro_batch_size, use_ref
         self.max_length = max_context(self.model)
         self.pad_id = pad_token_id(self.tokenizer)
+        self.label_ids = None
+        if step_label_tokens is not None:
+            from prm_ray.train import step_label_token_ids
+
+            self.label_ids = step_label_token_ids(self.tokenizer, step_label_tokens)
+
+    def _explicit_token_rewards(self, items):
+        import torch
+
+        from prm_ray.prm import collate_items
+        from prm_ray.reward import explicit_token_rewards, step_label_logits
+
+        t = collate_items(items, self.pad_id)
+        dev = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits = self.model(input_ids=t["input_ids"].to(dev), attention_mask=t["attention_mask"].to(dev)).logits
+            step_ids = t["step_ids"].to(dev)
+            z, mask = step_label_logits(logits.float(), step_ids, *self.label_ids, max(len(it.steps) for it in items))
+            return explicit_token_rewards(z, mask, step_ids).cpu().double(), t
 
     def _logprobs(self, items):
         import torch
@@ -110,11 +133,28 @@ class _Scorer:
                                    t["response_mask"].to(dev)).cpu()
         return lp, t
 
+    @staticmethod
+    def _step_outputs(out: dict, chunk: list[int], its: list, tok_r, t: dict) -> None:
+        """Token rewards -> step rewards, q-values and every aggregation, into the output columns."""
+        from prm_ray.reward import aggregate, q_values, step_rewards
+
+        num_steps = max(len(it.steps) for it in its)
+        step_r, step_mask = step_rewards(tok_r, t["step_ids"], num_steps)
+        q = q_values(step_r, step_mask)
+        aggs = {a: aggregate(step_r, step_mask, a) for a in AGGREGATIONS}
+        for b, i in enumerate(chunk):
+            k = len(its[b].steps)
+            out["step_rewards"][i] = step_r[b, :k].tolist()
+            out["q_values"][i] = q[b, :k].tolist()
+            out["num_tokens"][i] = its[b].num_response_tokens
+            for a, v in aggs.items():
+                out[f"score_{a}"][i] = float(v[b])
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from prm_ray.prm import encode_pair
-        from prm_ray.reward import aggregate, q_values, step_rewards, token_rewards
+        from prm_ray.reward import token_rewards
 
         rows = batch.to_pydict()
         n = batch.num_rows
@@ -130,6 +170,10 @@ class _Scorer:
         for start in range(0, n, self.micro):
             chunk = order[start : start + self.micro]
             its = [items[i] for i in chunk]
+            if self.label_ids is not None:
+                tok_r, t = self._explicit_token_rewards(its)
+                self._step_outputs(out, chunk, its, tok_r, t)
+                continue
             lp, t = self._logprobs(its)
             if self.mode == "ref":
                 for b, i in enumerate(chunk):
@@ -149,17 +193,7 @@ class _Scorer:
                                          "PRM and reference tokenizers must match")
                     ref[b, p:L] = torch.tensor(cached, dtype=lp.dtype)
             tok_r = token_rewards(lp, ref if self.use_ref else None, mask, self.beta)
-            num_steps = max(len(it.steps) for it in its)
-            step_r, step_mask = step_rewards(tok_r, t["step_ids"], num_steps)
-            q = q_values(step_r, step_mask)
-            aggs = {a: aggregate(step_r, step_mask, a) for a in AGGREGATIONS}
-            for b, i in enumerate(chunk):
-                k = len(its[b].steps)
-                out["step_rewards"][i] = step_r[b, :k].tolist()
-                out["q_values"][i] = q[b, :k].tolist()
-                out["num_tokens"][i] = its[b].num_response_tokens
-                for a, v in aggs.items():
-                    out[f"score_{a}"][i] = float(v[b])
+            self._step_outputs(out, chunk, its, tok_r, t)
         keep = ["instruction_id", "sample_index", "correct", "extracted_answer"]
         if self.mode == "ref":
             batch = batch.append_column("ref_token_logp", pa.array(out["ref_token_logp"], pa.list_(pa.float32())))
@@ -225,8 +259,12 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     return {**info, "reused": False}
 
 
-def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta: float) -> float:
-    """Score every response of ``data`` (rollouts, with ``ref_token_logp`` when ``cfg.reference``)."""
+def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta: float,
+          step_label_tokens: list[str] | None = None) -> float:
+    """Score every response of ``data`` (rollouts, with ``ref_token_logp`` when ``cfg.reference``).
+
+    ``step_label_tokens``: ``prm`` is an explicit PRM reading these two tokens' logits.
+    """
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -238,7 +276,8 @@ def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta
                         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, accelerator_type=cfg.accelerator_type,
                         fn_constructor_kwargs={"model": prm, "mode": "prm", "beta": beta, "dtype": cfg.dtype,
                                                "micro_batch_size": cfg.micro_batch_size,
-                                               "use_ref": cfg.reference, "threads": cfg.threads})
+                                               "use_ref": cfg.reference, "threads": cfg.threads,
+                                               "step_label_tokens": step_label_tokens})
     ds.write_parquet(str(out))
     return time.time() - t0
 
@@ -282,6 +321,10 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     card_path = Path(prm) / "prm_ray_prm.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     beta = float(beta if beta is not None else card.get("beta", 0.05))
+    label_tokens = card.get("step_label_tokens", ["+", "-"]) if card.get("kind") == "explicit" else None
+    if label_tokens is not None and cfg.reference:
+        raise ConfigError(f"eval.reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
+                          "which has no reference model; set eval.reference false")
     key = {"prm": str(Path(prm).resolve()), "data": str(Path(data).resolve()), "beta": beta,
            "config": to_dict(cfg)}
     done = out / METRICS_FILE
@@ -293,7 +336,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     from prm_ray.rollout import init_ray
 
     init_ray()
-    seconds = score(data, prm, out / "scores", cfg, beta)
+    seconds = score(data, prm, out / "scores", cfg, beta, label_tokens)
     problems = problems_from_scores(out / "scores", cfg.aggregation)
     result = {"key": key, "metrics": metrics(problems, cfg), "problems": len(problems),
               "samples_per_problem": len(problems[0]["correct"]), "score_seconds": seconds,

@@ -27,6 +27,7 @@ __all__ = [
     "kto_mismatched_indices",
     "kto_reference_point",
     "nca_loss",
+    "step_label_loss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -116,6 +117,26 @@ def kto_loss(
     return _reduce(losses, reduction)
 
 
+def step_label_loss(step_logits: torch.Tensor, step_labels: torch.Tensor, step_mask: torch.Tensor,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The explicit PRM's objective (Math-Shepherd): BCE of every labelled step.
+
+    ``step_logits`` ``[B, S]`` are ``logit(+) - logit(-)`` at each step's last token
+    (:func:`prm_ray.reward.step_label_logits`); ``step_labels`` are hard (0/1, "any completion
+    reached the answer") or soft (the fraction that did) estimates. Binary cross-entropy on the
+    logit difference is the two-way softmax cross-entropy over the "+"/"-" tokens that
+    Math-Shepherd and OpenRLHF's PRM trainer use. ``"mean"`` averages over labelled steps of the
+    batch (not over responses), as OpenRLHF averages over its step-tag tokens; ``"none"`` gives
+    ``[B, S]`` with 0 on padded slots.
+    """
+    mask = step_mask.bool()
+    losses = F.binary_cross_entropy_with_logits(step_logits, step_labels.to(step_logits.dtype), reduction="none")
+    losses = torch.where(mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    if reduction == "mean":
+        return losses.sum() / mask.sum().clamp(min=1)
+    return _reduce(losses, reduction)
+
+
 @dataclass(frozen=True)
 class Objective:
     """How one training objective consumes data.
@@ -126,7 +147,9 @@ class Objective:
     ``needs_reference_point``: KTO also needs implicit rewards of mismatched prompt/completion
     pairs each step (:func:`kto_mismatched_indices`, :func:`kto_reference_point`).
     ``loss``: paired -> ``loss(r_chosen, r_rejected)``; CE -> ``loss(rewards, labels)``;
-    KTO -> ``loss(rewards, labels, z_ref)``.
+    KTO -> ``loss(rewards, labels, z_ref)``; step-labelled -> ``loss(step_logits, labels, mask)``.
+    ``step_labels``: the column of step labels an *explicit* PRM trains on (the Math-Shepherd
+    baseline); None for the implicit PRM's outcome-label objectives.
     """
 
     name: str
@@ -134,6 +157,12 @@ class Objective:
     needs_reference_point: bool
     loss: Callable[..., torch.Tensor]
     description: str
+    step_labels: str | None = None
+
+    @property
+    def explicit(self) -> bool:
+        """Trains an explicit PRM (step labels, no reference model) rather than an implicit one."""
+        return self.step_labels is not None
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -145,8 +174,15 @@ OBJECTIVES: dict[str, Objective] = {
                      "KTO on unpaired rows, with a batch KL reference point from mismatched pairs"),
     "nca": Objective("nca", True, False, nca_loss,
                      "pairwise NCA on correct x incorrect pairs of the same prompt"),
+    "math-shepherd-hard": Objective("math-shepherd-hard", False, False, step_label_loss,
+                                    "explicit PRM on Math-Shepherd hard step labels (any completion correct)",
+                                    step_labels="step_labels_hard"),
+    "math-shepherd-soft": Objective("math-shepherd-soft", False, False, step_label_loss,
+                                    "explicit PRM on Math-Shepherd soft step labels (fraction correct)",
+                                    step_labels="step_labels_soft"),
 }
-"""The paper's four objectives (Table 1), keyed by the name a training config uses."""
+"""The paper's four objectives (Table 1) and the Math-Shepherd baseline's two, keyed by the name a
+training config uses."""
 
 
 def get_objective(name: str) -> Objective:

@@ -29,7 +29,9 @@ from prm_ray.reward import (
     token_rewards,
 )
 
-__all__ = ["ImplicitPRM", "StepScores", "TokenizedItem", "collate_items", "encode_pair"]
+__all__ = ["ExplicitPRM", "ImplicitPRM", "StepScores", "TokenizedItem", "collate_items", "encode_pair", "load_prm"]
+
+PRM_CARD = "prm_ray_prm.json"  # written by prm_ray.train next to every trained PRM
 
 
 @dataclass
@@ -279,6 +281,9 @@ class ImplicitPRM:
             ref_logp = response_logprobs(self.ref_model, input_ids, attention_mask, response_mask)
         return token_rewards(logp, ref_logp, response_mask, self.beta).cpu()
 
+    def _batch_token_rewards(self, batch: dict[str, torch.Tensor], num_steps: int) -> torch.Tensor:
+        return self.token_rewards(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+
     def score_tokenized(
         self, items: Sequence[TokenizedItem], *, aggregation: str | None = None
     ) -> list[StepScores]:
@@ -289,8 +294,8 @@ class ImplicitPRM:
         if not items:
             return []
         batch = self.collate(items)
-        tok_r = self.token_rewards(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         num_steps = max(len(it.steps) for it in items)
+        tok_r = self._batch_token_rewards(batch, num_steps)
         step_r, step_mask = step_rewards(tok_r, batch["step_ids"], num_steps)
         q = q_values(step_r, step_mask)
         scores = aggregate(step_r, step_mask, method)
@@ -350,3 +355,70 @@ class ImplicitPRM:
             f"aggregation={self.aggregation!r}, step_separator={self.step_separator!r}, "
             f"append_eos={self.append_eos})"
         )
+
+
+class ExplicitPRM(ImplicitPRM):
+    """A PRM trained on step labels (the Math-Shepherd baseline): step t scores
+    ``sigmoid(logit(+) - logit(-))`` read at the step's last token, with no reference model.
+
+    It shares :class:`ImplicitPRM`'s tokenization, batching, step splitting and aggregation: the
+    step score is placed on the step's last token (:func:`prm_ray.reward.explicit_token_rewards`),
+    so the step "sum" is the score itself. ``q_values`` are then running sums of probabilities,
+    which carry no meaning of their own; use ``min`` (the paper's and Math-Shepherd's choice).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, positive_token: str = "+", negative_token: str = "-",
+                 **kwargs) -> None:
+        super().__init__(model, tokenizer, None, **kwargs)
+        ids = []
+        for text in (positive_token, negative_token):
+            enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise ValueError(f"step label token {text!r} is {len(enc)} tokens; it must be exactly one")
+            ids.append(enc[0])
+        self.positive_id, self.negative_id = ids
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, positive_token: str = "+", negative_token: str = "-",
+                        step_separator: str = "\n\n", aggregation: str = "min",
+                        device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                        append_eos: bool = True, **_ignored) -> "ExplicitPRM":
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(dtype)).to(device)
+        return cls(model, tokenizer, positive_token=positive_token, negative_token=negative_token,
+                   step_separator=step_separator, aggregation=aggregation, append_eos=append_eos)
+
+    @torch.inference_mode()
+    def _batch_token_rewards(self, batch: dict[str, torch.Tensor], num_steps: int) -> torch.Tensor:
+        from prm_ray.reward import explicit_token_rewards, step_label_logits
+
+        dev = self.device
+        logits = self.model(input_ids=batch["input_ids"].to(dev),
+                            attention_mask=batch["attention_mask"].to(dev)).logits
+        step_ids = batch["step_ids"].to(dev)
+        z, mask = step_label_logits(logits.float(), step_ids, self.positive_id, self.negative_id, num_steps)
+        return explicit_token_rewards(z, mask, step_ids).cpu()
+
+    def __repr__(self) -> str:
+        return f"ExplicitPRM(aggregation={self.aggregation!r}, step_separator={self.step_separator!r})"
+
+
+def load_prm(path: str, ref_path: str | None = None, beta: float | None = None, **kwargs) -> ImplicitPRM:
+    """Load a trained PRM as the kind its card (``prm_ray_prm.json``) says: implicit or explicit.
+
+    For an implicit PRM, ``beta`` and ``ref_path`` default to the card's; an explicit one takes no
+    reference and reads its step label tokens from the card.
+    """
+    import json
+    from pathlib import Path
+
+    card_path = Path(path) / PRM_CARD
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    if card.get("kind") == "explicit":
+        if ref_path is not None:
+            raise ValueError(f"{path} is an explicit PRM ({card.get('objective')}); it takes no reference model")
+        pos, neg = card.get("step_label_tokens", ["+", "-"])
+        return ExplicitPRM.from_pretrained(path, positive_token=pos, negative_token=neg, **kwargs)
+    beta = float(beta if beta is not None else card.get("beta", 0.05))
+    return ImplicitPRM.from_pretrained(path, ref_path if ref_path is not None else card.get("reference_model"),
+                                       beta, **kwargs)

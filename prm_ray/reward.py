@@ -30,10 +30,13 @@ AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean")
 __all__ = [
     "AGGREGATIONS",
     "aggregate",
+    "explicit_token_rewards",
     "implicit_reward",
     "q_values",
     "response_logprobs",
+    "step_end_index",
     "step_ids_from_offsets",
+    "step_label_logits",
     "step_rewards",
     "token_q_values",
     "token_rewards",
@@ -310,3 +313,61 @@ def aggregate(step_rewards: torch.Tensor, step_mask: torch.Tensor, method: str =
     else:  # mean
         score = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1).to(step_rewards.dtype)
     return torch.where(has_steps, score, zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit (step-labelled) PRMs: the Math-Shepherd baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def step_end_index(step_ids: torch.Tensor, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of each step's last token: ``(index [B, S], step_mask [B, S])``.
+
+    An explicit PRM reads its step score where the step ends (Math-Shepherd and OpenRLHF put a tag
+    token there; here it is the step's own last token, its separator or the appended EOS, so the
+    PRM scores exactly the sequences the implicit PRM scores). Steps without tokens get index 0 and
+    ``step_mask`` False.
+    """
+    step_ids = step_ids.long()
+    if num_steps is None:
+        num_steps = int(step_ids.max().clamp(min=-1)) + 1 if step_ids.numel() else 0
+    B, L = step_ids.shape
+    positions = torch.arange(L, device=step_ids.device).expand(B, L)
+    valid = step_ids >= 0
+    index = torch.full((B, num_steps), -1, dtype=torch.long, device=step_ids.device)
+    if num_steps:
+        index.scatter_reduce_(1, step_ids.clamp(min=0), torch.where(valid, positions, -1), reduce="amax")
+    mask = index >= 0
+    return index.clamp(min=0), mask
+
+
+def step_label_logits(
+    logits: torch.Tensor, step_ids: torch.Tensor, positive_id: int, negative_id: int,
+    num_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An explicit PRM's per-step logit ``z_t = logit(+) - logit(-)`` at each step's last token.
+
+    ``logits`` is the LM's ``[B, L, V]`` output; ``sigmoid(z_t)`` is the PRM's probability that
+    step t is good (the two-way softmax over the "+" and "-" tokens, as Math-Shepherd reads it).
+    Returns ``(z [B, S], step_mask [B, S])``; padded slots hold 0.
+    """
+    index, mask = step_end_index(step_ids, num_steps)
+    pair = logits[..., [positive_id, negative_id]]  # [B, L, 2]
+    at_end = pair.gather(1, index[..., None].expand(-1, -1, 2))  # [B, S, 2]
+    z = at_end[..., 0] - at_end[..., 1]
+    return torch.where(mask, z, torch.zeros((), dtype=z.dtype, device=z.device)), mask
+
+
+def explicit_token_rewards(step_logits: torch.Tensor, step_mask: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
+    """Place each step's score ``sigmoid(z_t)`` on the step's last token, 0 elsewhere: ``[B, L]``.
+
+    With this layout :func:`step_rewards` (a sum over the step's tokens) gives back
+    ``sigmoid(z_t)``, so an explicit PRM runs through the same step-reward, q-value and aggregation
+    code as the implicit one (``min`` = the lowest step probability, Math-Shepherd's score).
+    """
+    index, _ = step_end_index(step_ids, step_logits.shape[-1])
+    probs = torch.sigmoid(step_logits.float()).masked_fill(~step_mask, 0.0)
+    out = torch.zeros(step_ids.shape, dtype=probs.dtype, device=probs.device)
+    rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(index)
+    out[rows[step_mask], index[step_mask]] = probs[step_mask]
+    return out

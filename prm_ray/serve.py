@@ -35,13 +35,12 @@ from typing import Any, Sequence
 import torch
 
 from prm_ray.config import ConfigError, from_dict, to_dict
-from prm_ray.prm import ImplicitPRM, StepScores, TokenizedItem
+from prm_ray.prm import PRM_CARD, ImplicitPRM, StepScores, TokenizedItem
 from prm_ray.reward import AGGREGATIONS, _forward_kwargs, aggregate, q_values, step_rewards, token_rewards
 from prm_ray.tasks.base import last_boxed
 
 logger = logging.getLogger("ray.serve")
 
-PRM_CARD = "prm_ray_prm.json"  # written next to a trained PRM by prm_ray.train
 DEFAULT_BETA = 0.05
 TOKEN_ENV = "PRM_RAY_SERVE_TOKEN"
 
@@ -165,6 +164,11 @@ def checkpoint_beta(prm_path: str) -> float | None:
 
 def load_prm(cfg: ServeConfig) -> ImplicitPRM:
     """The PRM a replica serves: beta from the config, else the checkpoint's card, else 0.05."""
+    card = Path(cfg.prm) / PRM_CARD
+    if card.is_file() and json.loads(card.read_text()).get("kind") == "explicit":
+        # The batcher's shared-prompt plan and /score's token rewards are implicit-PRM math.
+        raise ConfigError(f"prm: {cfg.prm} is an explicit (step-labelled) PRM; the service serves implicit "
+                          "PRMs. Score it in process with prm_ray.prm.load_prm")
     beta = cfg.beta or checkpoint_beta(cfg.prm) or DEFAULT_BETA
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     return ImplicitPRM.from_pretrained(cfg.prm, ref_path=cfg.ref, beta=beta, step_separator=cfg.step_separator,

@@ -34,7 +34,7 @@ from prm_ray.losses import get_objective
 
 STATE_FILE = "training_state.pt"
 REPORT_FILE = "train_report.json"
-PRM_CARD = "prm_ray_prm.json"
+PRM_CARD = "prm_ray_prm.json"  # = prm_ray.prm.PRM_CARD (not imported: it would load transformers here)
 
 
 @dataclass
@@ -89,6 +89,9 @@ class TrainConfig:
     max_failures: int = 2
     storage_path: str | None = None  # Ray Train storage; must be shared (e.g. s3://) on multi-node
     ref_pass: RefPassConfig = field(default_factory=RefPassConfig)
+    # Explicit PRMs (math-shepherd-* objectives): the two tokens whose logits at a step's last
+    # token give the step score, logit(+) - logit(-). Each must be one token of the tokenizer.
+    step_label_tokens: list[str] = field(default_factory=lambda: ["+", "-"])
     # Per-token reference log-probs of the rollouts, computed once per rollout set by
     # `prm_ray.evaluate.reference_logprobs`; responses found there skip the reference pass, so runs
     # on subsets of one rollout set (k responses, a fraction of instructions, pairs) share one pass.
@@ -114,6 +117,9 @@ class TrainConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if len(self.step_label_tokens) != 2 or len(set(self.step_label_tokens)) != 2:
+            raise ConfigError(f"step_label_tokens must be two different tokens [positive, negative], "
+                              f"got {self.step_label_tokens!r}")
 
     @property
     def reference_path(self) -> str:
@@ -135,6 +141,8 @@ TRAIN_REF_DTYPE = "float32"
 
 
 def ref_columns(objective: str) -> list[tuple[str, str, str]]:
+    if get_objective(objective).explicit:
+        return []  # an explicit PRM has no reference model
     if objective == "kto":
         return KTO_REF
     return PAIRED_REF if get_objective(objective).paired else UNPAIRED_REF
@@ -290,12 +298,56 @@ def _sequence_logp(model, tokenizer, prompts, responses, max_length, pad_id, dev
     return lp.sum(-1).float(), ntok
 
 
-def _micro_batch_loss(model, tok, rows, cfg: TrainConfig, max_length, pad_id, device, autocast):
+def step_label_token_ids(tokenizer, tokens: list[str]) -> tuple[int, int]:
+    """The ids of the explicit PRM's (positive, negative) tokens; each must be a single token."""
+    ids = []
+    for name, text in zip(("positive", "negative"), tokens):
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ConfigError(f"step_label_tokens: the {name} token {text!r} is {len(enc)} tokens for this "
+                              "tokenizer; choose a string that is exactly one token")
+        ids.append(enc[0])
+    return ids[0], ids[1]
+
+
+def _step_label_loss(model, tok, rows, cfg: TrainConfig, max_length, pad_id, device, autocast, token_ids):
+    """An explicit PRM's micro-batch: step logits at each step's last token against step labels."""
+    import torch
+
+    from prm_ray.losses import step_label_loss
+    from prm_ray.prm import collate_items, encode_pair
+    from prm_ray.reward import step_label_logits
+
+    items = [encode_pair(tok, p, r, max_length=max_length) for p, r in zip(rows["prompt"], rows["response"])]
+    for it, labels, iid, j in zip(items, rows["step_labels"], rows["instruction_id"], rows["sample_index"]):
+        if len(it.steps) != len(labels):
+            raise ValueError(f"instruction {iid!r} sample {j}: {len(labels)} step labels but the response has "
+                             f"{len(it.steps)} steps for this tokenizer; label with the model being trained")
+    t = collate_items(items, pad_id)
+    num_steps = max(len(it.steps) for it in items)
+    labels = torch.zeros(len(items), num_steps, device=device)
+    for b, row in enumerate(rows["step_labels"]):
+        labels[b, : len(row)] = torch.tensor(row, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)).logits
+    z, mask = step_label_logits(logits.float(), t["step_ids"].to(device), *token_ids, num_steps)
+    loss = step_label_loss(z, labels, mask)
+    pos, neg = mask & (labels > 0.5), mask & (labels <= 0.5)
+    stats = {"acc": ((z > 0) == (labels > 0.5))[mask].float().mean().item(),
+             "reward_correct": z[pos].sum().item(), "reward_incorrect": z[neg].sum().item(),
+             "n_correct": int(pos.sum()), "n_incorrect": int(neg.sum()), "sums": True,
+             "tokens": int(t["attention_mask"].sum())}
+    return loss, stats
+
+
+def _micro_batch_loss(model, tok, rows, cfg: TrainConfig, max_length, pad_id, device, autocast, token_ids=None):
     """Loss and statistics of one micro-batch, for any objective."""
     import torch
     import torch.distributed as dist
 
     objective = get_objective(cfg.dataset.objective)
+    if objective.explicit:
+        return _step_label_loss(model, tok, rows, cfg, max_length, pad_id, device, autocast, token_ids)
     beta = cfg.beta
 
     def ref(col):
@@ -366,6 +418,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     model.config.use_cache = False
     max_length, pad_id = max_context(model), pad_token_id(tok)
+    token_ids = step_label_token_ids(tok, cfg.step_label_tokens) if get_objective(cfg.dataset.objective).explicit else None
     autocast = cfg.bf16 and (device.type == "cuda" or device.type == "cpu")
 
     start_step = 0
@@ -426,7 +479,8 @@ def train_loop_per_worker(config: dict) -> None:
             last = (micro + 1) % accum == 0
             sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else _null()
             with sync:
-                loss, stats = _micro_batch_loss(model, tok, rows, cfg, max_length, pad_id, device, autocast)
+                loss, stats = _micro_batch_loss(model, tok, rows, cfg, max_length, pad_id, device, autocast,
+                                                token_ids)
                 (loss / accum).backward()
             stats["loss"] = loss.item()
             acc_stats.append(stats)
@@ -607,10 +661,16 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
             if f.name != STATE_FILE:
                 shutil.copy2(f, out / f.name)
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    (out / PRM_CARD).write_text(json.dumps({
-        "reference_model": cfg.reference_path if cfg.reference else None,
-        "beta": cfg.beta, "objective": cfg.dataset.objective, "trained_from": cfg.model}, indent=2))
-    plot_metrics(history, out / "training_curves.png", title=f"{cfg.dataset.objective} (beta {cfg.beta})")
+    explicit = get_objective(cfg.dataset.objective).explicit
+    card = {"kind": "explicit" if explicit else "implicit",
+            "reference_model": cfg.reference_path if cfg.reference and not explicit else None,
+            "beta": cfg.beta, "objective": cfg.dataset.objective, "trained_from": cfg.model}
+    if explicit:
+        card["step_label_tokens"] = list(cfg.step_label_tokens)
+    (out / PRM_CARD).write_text(json.dumps(card, indent=2))
+    plot_metrics(history, out / "training_curves.png",
+                 title=cfg.dataset.objective if explicit else f"{cfg.dataset.objective} (beta {cfg.beta})",
+                 explicit=explicit)
     report = {
         "status": "finished", "config": to_dict(cfg), "steps": total_steps, "examples": examples.num_rows,
         "dataset": data_report, "timings": timings, "reference_pass": ref_counts, "final_metrics": history[-1] if history else None,
@@ -662,7 +722,7 @@ def _restarts(history: list[dict]) -> int:
     return sum(1 for a, b in zip(steps, steps[1:]) if b <= a)
 
 
-def plot_metrics(history: list[dict], path: Path, title: str = "") -> None:
+def plot_metrics(history: list[dict], path: Path, title: str = "", explicit: bool = False) -> None:
     if not history:
         return
     import matplotlib
@@ -675,10 +735,10 @@ def plot_metrics(history: list[dict], path: Path, title: str = "") -> None:
     axes[0].plot(steps, [h["loss"] for h in history])
     axes[0].set_title("loss")
     axes[1].plot(steps, [h["acc"] for h in history])
-    axes[1].set_title("sign / pair accuracy")
+    axes[1].set_title("step label accuracy" if explicit else "sign / pair accuracy")
     axes[2].plot(steps, [h["reward_correct"] for h in history], label="correct")
     axes[2].plot(steps, [h["reward_incorrect"] for h in history], label="incorrect")
-    axes[2].set_title("mean implicit reward")
+    axes[2].set_title("mean step logit by label" if explicit else "mean implicit reward")
     axes[2].legend()
     axes[3].plot(steps, [h["lr"] for h in history])
     axes[3].set_title("learning rate")

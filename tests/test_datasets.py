@@ -18,6 +18,7 @@ import pytest
 from prm_ray.config import ConfigError, from_dict
 from prm_ray.datasets import (
     OBJECTIVE_PAIRED,
+    STEP_LABEL_COLUMNS,
     DatasetConfig,
     build_examples,
     describe,
@@ -362,7 +363,10 @@ def test_missing_columns_and_missing_data_raise_clear_errors(tmp_path):
 def test_empty_input_gives_empty_tables():
     empty = make_rollouts({})
     for objective in OBJECTIVE_PAIRED:
-        out, report = build(empty, objective=objective)
+        table = empty
+        if objective in STEP_LABEL_COLUMNS:
+            table = empty.append_column(STEP_LABEL_COLUMNS[objective], pa.array([], pa.list_(pa.float32())))
+        out, report = build(table, objective=objective)
         assert out.num_rows == 0 and report["rows"] == 0
 
 
@@ -376,3 +380,27 @@ def test_objective_table_matches_the_loss_registry():
     from prm_ray.losses import OBJECTIVES
 
     assert {name: obj.paired for name, obj in OBJECTIVES.items()} == OBJECTIVE_PAIRED
+
+
+def test_step_label_objectives_take_the_labels_of_the_rows_they_keep():
+    table = make_rollouts(PAIR_SPEC)
+    labels = [[1.0] * (1 + i % 3) + [float(i % 2)] for i in range(table.num_rows)]
+    soft = [[v / 2 for v in row] for row in labels]
+    table = table.append_column("step_labels_hard", pa.array(labels, pa.list_(pa.float32())))
+    table = table.append_column("step_labels_soft", pa.array(soft, pa.list_(pa.float32())))
+    by_key = {(r["instruction_id"], r["sample_index"]): r for r in table.to_pylist()}
+    for objective, col in STEP_LABEL_COLUMNS.items():
+        out, report = build(table, objective=objective, responses_per_instruction=2)
+        check_report(report)
+        assert out.schema == output_schema(objective) and out.num_rows == report["rows"] > 0
+        for row in out.to_pylist():
+            src = by_key[(row["instruction_id"], row["sample_index"])]
+            assert row["step_labels"] == pytest.approx(src[col]) and row["response"] == src["response"]
+    with pytest.raises(ValueError, match="Math-Shepherd labelling"):
+        build(make_rollouts(PAIR_SPEC), objective="math-shepherd-hard")
+    bad = table.set_column(table.schema.get_field_index("step_labels_soft"), "step_labels_soft",
+                           pa.array([[1.5]] * table.num_rows, pa.list_(pa.float32())))
+    with pytest.raises(ValueError, match="step_labels_soft must be"):
+        build(bad, objective="math-shepherd-soft")
+    with pytest.raises(ConfigError, match="step labels"):
+        DatasetConfig(objective="math-shepherd-hard", balance="dataset")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,11 +108,27 @@ def test_gradient_signs():
 
 
 def test_registry_and_errors():
-    assert set(OBJECTIVES) == {"ce", "dpo", "kto", "nca"}
+    assert set(OBJECTIVES) == {"ce", "dpo", "kto", "nca", "math-shepherd-hard", "math-shepherd-soft"}
     assert {n for n, o in OBJECTIVES.items() if o.paired} == {"dpo", "nca"}
     assert {n for n, o in OBJECTIVES.items() if o.needs_reference_point} == {"kto"}
     assert get_objective("dpo").loss is dpo_loss
-    with pytest.raises(ValueError, match="ce, dpo, kto, nca"):
+    with pytest.raises(ValueError, match="ce, dpo, kto, math-shepherd-hard, math-shepherd-soft, nca"):
         get_objective("ipo")
     with pytest.raises(ValueError, match="reduction"):
         dpo_loss(T([0.0]), T([0.0]), reduction="max")
+
+
+def test_step_label_loss_hand_numbers_and_masking():
+    from prm_ray.losses import step_label_loss
+
+    z = torch.tensor([[0.0, 2.0, 5.0], [-1.0, 9.0, 9.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    per = [math.log(2), math.log1p(math.exp(2.0)), 0.25 * math.log1p(math.exp(-5.0)) + 0.75 * math.log1p(math.exp(5.0)),
+           math.log1p(math.exp(-1.0))]
+    assert float(step_label_loss(z, labels, mask)) == pytest.approx(sum(per) / 4, rel=1e-6)
+    assert step_label_loss(z, labels, mask, reduction="none")[1, 1:].tolist() == [0.0, 0.0]
+    z.requires_grad_(True)
+    step_label_loss(z, labels, mask).backward()
+    assert z.grad[1, 1:].abs().sum() == 0 and z.grad[0, 0] < 0 and z.grad[0, 1] > 0
+    assert get_objective("math-shepherd-soft").explicit and not get_objective("ce").explicit

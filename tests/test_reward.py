@@ -307,3 +307,24 @@ def test_aggregate_empty_rows_and_unknown_method():
     with pytest.raises(ValueError, match="min, sum, last_q, mean"):
         aggregate(r, m, "max")
     assert not math.isinf(aggregate(r, m, "min")[1].item())
+
+
+def test_explicit_step_logits_read_each_step_s_last_token():
+    from prm_ray.reward import explicit_token_rewards, step_end_index, step_label_logits
+
+    # Two rows: prompt (-1) then steps; row 1 is shorter and right-padded.
+    step_ids = torch.tensor([[-1, 0, 0, 1, 1, 1, 2], [-1, -1, 0, 1, 1, -1, -1]])
+    index, mask = step_end_index(step_ids)
+    assert index.tolist() == [[2, 5, 6], [2, 4, 0]] and mask.tolist() == [[True] * 3, [True, True, False]]
+    V, pos, neg = 5, 3, 1
+    logits = torch.randn(2, 7, V)
+    z, zmask = step_label_logits(logits, step_ids, pos, neg)
+    for b in range(2):
+        for s in range(3):
+            want = logits[b, index[b, s], pos] - logits[b, index[b, s], neg] if mask[b, s] else 0.0
+            assert float(z[b, s]) == pytest.approx(float(want))
+    # Placed on the last tokens, the step sums give back sigmoid(z): the implicit PRM's step code applies.
+    tok = explicit_token_rewards(z, zmask, step_ids)
+    summed, smask = step_rewards(tok, step_ids, 3)
+    assert torch.allclose(summed[smask], torch.sigmoid(z)[zmask]) and (tok[step_ids < 0] == 0).all()
+    assert aggregate(summed, smask, "min")[1] == pytest.approx(float(torch.sigmoid(z[1, :2]).min()))

@@ -145,3 +145,56 @@ def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkey
     assert cfg.data == str(tmp_path / "rollouts") and cfg.model == str(tmp_path / "policy")
     assert cfg.out == str(tmp_path / "runs" / "prm")
     assert cfg.ref_model == "meta-llama/Llama-3.1-8B-Instruct"  # a hub id stays a hub id
+
+
+def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
+        tiny_trained_policy, rollouts, tmp_path):
+    """The Math-Shepherd baseline's PRM: the same loop with a step-label objective; evaluation's Ray
+    Data pass gives the in-process ExplicitPRM scores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from prm_ray.evaluate import EvaluateConfig, evaluate_prm
+    from prm_ray.prm import ExplicitPRM, encode_pair, load_prm
+
+    policy = tiny_trained_policy[0].out
+    tok = AutoTokenizer.from_pretrained(policy)
+    table = load_rollouts(rollouts)
+    rows = table.to_pylist()
+    # Step labels a PRM can learn from the text: every step of a correct response is good; an
+    # incorrect one is good up to its last step (as Math-Shepherd's hard labels often are).
+    hard = []
+    for r in rows:
+        n = len(encode_pair(tok, r["prompt"], r["response"]).steps)
+        hard.append([1.0] * n if r["correct"] else [1.0] * (n - 1) + [0.0])
+    labelled = tmp_path / "labels" / "data"
+    labelled.mkdir(parents=True)
+    pq.write_table(table.append_column("step_labels_hard", pa.array(hard, pa.list_(pa.float32())))
+                   .append_column("step_labels_soft", pa.array(hard, pa.list_(pa.float32()))),
+                   labelled / "shard-000000.parquet")
+    cfg = _cfg(policy, labelled.parent, tmp_path / "ms", epochs=6, lr=3e-3,
+               dataset=DatasetConfig(objective="math-shepherd-hard"))
+    report = train_prm(cfg, progress=False)
+    assert report["status"] == "finished" and report["reference_pass"]["distinct_sequences"] == 0
+    history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert sum(h["loss"] for h in history[-3:]) < 0.8 * sum(h["loss"] for h in history[:3])
+    card = json.loads((Path(cfg.out) / "prm_ray_prm.json").read_text())
+    assert card["kind"] == "explicit" and card["reference_model"] is None
+
+    prm = load_prm(cfg.out)
+    assert isinstance(prm, ExplicitPRM)
+    want = prm.score([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=7)
+    pos = [w.score for w, r in zip(want, rows) if r["correct"]]
+    neg = [w.score for w, r in zip(want, rows) if not r["correct"]]
+    assert sum(pos) / len(pos) > sum(neg) / len(neg)  # min step probability ranks correct ones higher
+    assert all(0 < p < 1 for w in want for p in w.step_rewards)
+    with pytest.raises(Exception, match="eval.reference"):
+        evaluate_prm(cfg.out, rollouts, tmp_path / "eval-ref", EvaluateConfig(replicas=1))
+    ecfg = EvaluateConfig(reference=False, replicas=1, batch_size=32, micro_batch_size=5)
+    evaluate_prm(cfg.out, rollouts, tmp_path / "eval", ecfg)
+    got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
+    for w, r in zip(want, rows):
+        g = got[(r["instruction_id"], r["sample_index"])]
+        assert g["score_min"] == pytest.approx(w.score, abs=1e-5)
+        assert g["step_rewards"] == pytest.approx(w.step_rewards, abs=1e-5)
