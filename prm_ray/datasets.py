@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "load_rollouts",
     "output_schema",
+    "selected_rows",
 ]
 
 OBJECTIVE_PAIRED: dict[str, bool] = {"ce": False, "kto": False, "dpo": True, "nca": True,
@@ -243,7 +244,6 @@ def build_examples(rollouts: str | Path | pa.Table, cfg: DatasetConfig) -> tuple
         raise
     table = table.combine_chunks()
     paired = OBJECTIVE_PAIRED[cfg.objective]
-    seed = cfg.seed
 
     iids = [None if v is None else str(v) for v in table.column("instruction_id").to_pylist()]
     sidx = table.column("sample_index").to_pylist()
@@ -263,38 +263,17 @@ def build_examples(rollouts: str | Path | pa.Table, cfg: DatasetConfig) -> tuple
         "input_instructions": len(set(iids)),
     }
 
-    # 1. exclude unverifiable rows
-    status_counts = Counter(status)
-    keep = [i for i in range(table.num_rows) if status[i] in VERIFIABLE]
-    report["excluded_unverifiable"] = table.num_rows - len(keep)
-    report["excluded_by_status"] = {s: status_counts.get(s, 0) for s in UNVERIFIABLE}
-    rows_dropped["unverifiable"] = report["excluded_unverifiable"]
-    label = [1 if correct[i] else 0 for i in range(table.num_rows)]  # only read for kept rows
-    by_inst: dict[str, list[int]] = {}
-    for i in keep:
-        by_inst.setdefault(iids[i], []).append(i)
-    inst_dropped["all_unverifiable"] = report["input_instructions"] - len(by_inst)
-
-    # 2. instruction fraction
+    by_inst, counts = _select(iids, sidx, status, cfg)
+    report["excluded_unverifiable"] = counts["excluded_unverifiable"]
+    report["excluded_by_status"] = counts["excluded_by_status"]
+    for reason in ("unverifiable", "not_sampled", "beyond_first_k"):
+        rows_dropped[reason] = counts["rows_dropped"][reason]
+    for reason in ("all_unverifiable", "not_sampled"):
+        inst_dropped[reason] = counts["instructions_dropped"][reason]
+    report["instructions_after_fraction"] = counts["instructions_after_fraction"]
     ids = sorted(by_inst)
-    if cfg.instruction_fraction < 1 and ids:
-        n_keep = min(len(ids), max(1, int(cfg.instruction_fraction * len(ids) + 0.5)))
-        chosen = set(_rng(seed, "instruction_fraction").sample(ids, n_keep))
-        for iid in ids:
-            if iid not in chosen:
-                rows_dropped["not_sampled"] += len(by_inst.pop(iid))
-        inst_dropped["not_sampled"] = len(ids) - n_keep
-        ids = sorted(by_inst)
-    report["instructions_after_fraction"] = len(ids)
-
-    # 3. first k verifiable responses by sample_index
     k = cfg.responses_per_instruction
-    for iid in ids:
-        rows = sorted(by_inst[iid], key=lambda i: sidx[i])
-        if k is not None and len(rows) > k:
-            rows_dropped["beyond_first_k"] += len(rows) - k
-            rows = rows[:k]
-        by_inst[iid] = rows
+    label = [1 if correct[i] else 0 for i in range(table.num_rows)]  # only read for kept rows
     report["rows_after_first_k"] = sum(len(by_inst[iid]) for iid in ids)
     report["positives_after_first_k"] = sum(label[i] for iid in ids for i in by_inst[iid])
     report["negatives_after_first_k"] = report["rows_after_first_k"] - report["positives_after_first_k"]
@@ -374,6 +353,50 @@ def _validate_rows(table: pa.Table, iids: list, sidx: list, correct: list, statu
             bad = counts.index(max(counts))
             raise ValueError(f"instruction {per.column('instruction_id')[bad].as_py()!r} has "
                              f"{counts[bad]} different prompts; expected one prompt per instruction")
+
+
+def _select(iids: list, sidx: list, status: list, cfg: DatasetConfig) -> tuple[dict[str, list[int]], dict]:
+    """Steps 1-3 of :func:`build_examples`: verifiable rows, the instruction fraction, the first k.
+
+    Returns the kept row indices per instruction (sorted by ``sample_index``) and the counts of
+    what was removed.
+    """
+    status_counts = Counter(status)
+    keep = [i for i in range(len(iids)) if status[i] in VERIFIABLE]
+    by_inst: dict[str, list[int]] = {}
+    for i in keep:
+        by_inst.setdefault(iids[i], []).append(i)
+    rows_dropped = {"unverifiable": len(iids) - len(keep), "not_sampled": 0, "beyond_first_k": 0}
+    inst_dropped = {"all_unverifiable": len(set(iids)) - len(by_inst), "not_sampled": 0}
+    ids = sorted(by_inst)
+    if cfg.instruction_fraction < 1 and ids:
+        n_keep = min(len(ids), max(1, int(cfg.instruction_fraction * len(ids) + 0.5)))
+        chosen = set(_rng(cfg.seed, "instruction_fraction").sample(ids, n_keep))
+        for iid in ids:
+            if iid not in chosen:
+                rows_dropped["not_sampled"] += len(by_inst.pop(iid))
+        inst_dropped["not_sampled"] = len(ids) - n_keep
+    k = cfg.responses_per_instruction
+    for iid in sorted(by_inst):
+        rows = sorted(by_inst[iid], key=lambda i: sidx[i])
+        if k is not None and len(rows) > k:
+            rows_dropped["beyond_first_k"] += len(rows) - k
+            rows = rows[:k]
+        by_inst[iid] = rows
+    return by_inst, {"excluded_unverifiable": rows_dropped["unverifiable"],
+                     "excluded_by_status": {s: status_counts.get(s, 0) for s in UNVERIFIABLE},
+                     "rows_dropped": rows_dropped, "instructions_dropped": inst_dropped,
+                     "instructions_after_fraction": len(by_inst)}
+
+
+def selected_rows(rollouts: pa.Table, cfg: DatasetConfig) -> list[int]:
+    """Indices of the rollout rows :func:`build_examples` builds ``cfg``'s examples from (after
+    excluding unverifiable rows, taking the instruction fraction and the first k responses): the
+    responses a PRM's training data cost to generate."""
+    iids = [None if v is None else str(v) for v in rollouts.column("instruction_id").to_pylist()]
+    by_inst, _ = _select(iids, rollouts.column("sample_index").to_pylist(),
+                         rollouts.column("verify_status").to_pylist(), cfg)
+    return sorted(i for rows in by_inst.values() for i in rows)
 
 
 def _validate_step_labels(labels: list, iids: list, sidx: list, column: str) -> None:

@@ -83,6 +83,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['name']} | {r['objective']} | {r['responses_per_instruction']} | "
                      f"{r['instruction_fraction']} | {r['balance']} | {r['reference']} | "
                      f"{r['reference_at_inference']} | {t.get('examples', '-')} | {t.get('steps', '-')} |")
+    lines += _compute_section(report)
     lines += ["", "## Wall time and compute per stage", "",
               "Compute is estimated as 2 x parameters x tokens for generation and scoring, 6 x parameters "
               "x tokens for training (plus 2 x for the reference forward when trained with the reference). `reused`: finished by an earlier "
@@ -97,6 +98,116 @@ def markdown(report: dict) -> str:
               "Seeds: " + ", ".join(f"{k} {v}" for k, v in report["seeds"].items()) + ". "
               "The full resolved config is `config.yaml` next to this file.", ""]
     return "\n".join(lines)
+
+
+def _pf(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e15:.4f}"
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+COMPUTE_STAGES = ("generation", "verification", "step-label completions", "step-label verification",
+                  "reference log-probs", "training", "scoring")
+
+
+def cost_ratios(report: dict) -> list[dict]:
+    """Build cost (data collection + training FLOPs) of every Math-Shepherd PRM over every implicit
+    CE PRM of the report (the paper: about 38.8x)."""
+    rows = [r for r in report["results"] if r.get("compute")]
+    ms = [r for r in rows if r["objective"].startswith("math-shepherd")]
+    ce = [r for r in rows if r["objective"] == "ce"]
+    return [{"explicit": m["name"], "implicit": c["name"],
+             "ratio": m["compute"]["build_flops"] / c["compute"]["build_flops"]}
+            for m in ms for c in ce if c["compute"]["build_flops"] > 0]
+
+
+def _compute_section(report: dict) -> list[str]:
+    rows = [r for r in report["results"] if r.get("compute")]
+    if not rows:
+        return []
+    n = report["headline_n"]
+    lines = ["", "## Accuracy and compute per reward model", "",
+             "FLOPs are estimated from the policy's parameter count and the token counts of each stage: "
+             "2 x parameters per token for a forward pass (sampling, reference log-probs, scoring), 6 x for "
+             "training (`prm_ray/compute.py`). *Build* is everything needed to make the PRM (data collection "
+             "and training), the paper's cost; *total* adds scoring the held-out responses. Seconds: wall "
+             "(CPU) time measured for the stage, charged in proportion to the tokens a PRM uses of a shared "
+             "stage; `-` where the run that made it did not record it. PFLOP = 1e15 FLOPs.", ""]
+    ratios = cost_ratios(report)
+    for x in ratios:
+        lines.append(f"- **{x['explicit']}** costs **{x['ratio']:.1f}x** the build FLOPs of **{x['implicit']}**.")
+    if ratios:
+        lines.append("")
+    present = [s for s in COMPUTE_STAGES if any(s in r["compute"]["stages"] for r in rows)]
+    lines.append(f"| reward model | best-of-{n} | " + " | ".join(f"{s} PFLOP" for s in present)
+                 + " | build PFLOP | total PFLOP | build wall s | build CPU s |")
+    lines.append("|---|---|" + "---|" * (len(present) + 4))
+    for r in rows:
+        c = r["compute"]
+        st = c["stages"]
+        # Verification seconds overlap generation (the same streaming pipeline): not added again.
+        timed = [v for k, v in st.items() if k not in ("scoring", "verification", "step-label verification")]
+        walls, cpus = [v.get("wall_s") for v in timed], [v.get("cpu_s") for v in timed]
+        wall = None if any(w is None for w in walls) else sum(walls)
+        cpu = None if any(x is None for x in cpus) else sum(cpus)
+        lines.append(f"| {r['name']} | {_pct(r['metrics'][f'bon@{n}'])} | "
+                     + " | ".join(_pf(st[s]["flops"]) if s in st else "-" for s in present)
+                     + f" | {_pf(c['build_flops'])} | {_pf(c['total_flops'])} | {_s(wall)} | {_s(cpu)} |")
+    lines += ["", "![accuracy vs compute](accuracy_vs_flops.png)", "", "![cost per stage](cost.png)"]
+    return lines
+
+
+def compute_plots(report: dict, out: Path) -> list[Path]:
+    """The paper's Figure 1 (accuracy against build FLOPs) and Figure 3 (cost per stage)."""
+    rows = [r for r in report["results"] if r.get("compute")]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = report["headline_n"]
+    base = report["baseline"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        explicit = r["objective"].startswith("math-shepherd")
+        x, y = r["compute"]["build_flops"], 100 * r["metrics"][f"bon@{n}"]
+        ax.scatter([x], [y], marker="s" if explicit else "o", s=60, color="#cc6677" if explicit else "#4477aa")
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
+    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
+    ax.set_xscale("log")
+    ax.set_xlabel("build FLOPs (data collection + training)")
+    ax.set_ylabel(f"best-of-{n} accuracy (%)")
+    ax.set_title("Accuracy against cost (circles: implicit PRM, squares: Math-Shepherd)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths = [out / "accuracy_vs_flops.png"]
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    names = [r["name"] for r in rows]
+    for stage_name in COMPUTE_STAGES:
+        if stage_name == "scoring":
+            continue
+        vals = [r["compute"]["stages"].get(stage_name, {}).get("flops", 0.0) / 1e15 for r in rows]
+        if any(vals):
+            ax.barh(names, vals, left=left, label=stage_name)
+            left = [a + b for a, b in zip(left, vals)]
+    ax.invert_yaxis()
+    ax.set_xlabel("build PFLOP")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "cost.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
 
 
 def plots(report: dict, out: Path) -> list[Path]:
@@ -171,4 +282,5 @@ def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     plots(report, out)
+    compute_plots(report, out)
     (out / "report.md").write_text(markdown(report) + "\n")

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prm_ray.compute import measure
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.tasks import Instruction, get_task
 from prm_ray.tasks.arith import ArithConfig
@@ -55,6 +56,7 @@ SCHEMA = pa.schema([
 META_FILE = "rollout_meta.json"
 SUMMARY_FILE = "summary.json"
 SKIPPED_FILE = "skipped_rows.json"
+RUNS_FILE = "runs.jsonl"  # one line per invocation that produced shards: its timing
 
 
 @dataclass
@@ -384,36 +386,37 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     todo = [s for s in _shards(instructions, cfg.shard_size) if not shard_path(out, s["shard_id"]).exists()]
     stats: list[dict] = []
     t0 = time.time()
-    if todo:
-        init_ray(cfg.ray_address)
-        e, v = cfg.engine, cfg.verifier
-        engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
-        if e.accelerator_type:
-            engine_args["accelerator_type"] = e.accelerator_type
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
-            fn_constructor_kwargs={"model": cfg.model, "engine": vars(e), "sampling": vars(cfg.sampling),
-                                   "temperature": temperature},
-            **engine_args,
-        )
-        ds = ds.map_batches(Verifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
-                            num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": to_dict(cfg)})
-        ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
-                            fn_kwargs={"out": str(out)})
-        total = sum(len(s["instruction_id"]) for s in todo) * cfg.sampling.n
-        with tqdm(total=total, desc=f"rollouts ({len(todo)} shards)", unit="resp",
-                  disable=not cfg.progress) as bar:
-            for row in ds.iter_rows():
-                stats.append(row)
-                bar.update(row["responses"])
-                gen = sum(s["generate_seconds"] for s in stats)
-                bar.set_postfix(tok_s=f"{sum(s['generated_tokens'] for s in stats) / max(gen, 1e-9):.0f}")
+    with measure() as clock:
+        if todo:
+            init_ray(cfg.ray_address)
+            e, v = cfg.engine, cfg.verifier
+            engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
+            if e.accelerator_type:
+                engine_args["accelerator_type"] = e.accelerator_type
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
+                fn_constructor_kwargs={"model": cfg.model, "engine": vars(e), "sampling": vars(cfg.sampling),
+                                       "temperature": temperature},
+                **engine_args,
+            )
+            ds = ds.map_batches(Verifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
+                                num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": to_dict(cfg)})
+            ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
+                                fn_kwargs={"out": str(out)})
+            total = sum(len(s["instruction_id"]) for s in todo) * cfg.sampling.n
+            with tqdm(total=total, desc=f"rollouts ({len(todo)} shards)", unit="resp",
+                      disable=not cfg.progress) as bar:
+                for row in ds.iter_rows():
+                    stats.append(row)
+                    bar.update(row["responses"])
+                    gen = sum(s["generate_seconds"] for s in stats)
+                    bar.set_postfix(tok_s=f"{sum(s['generated_tokens'] for s in stats) / max(gen, 1e-9):.0f}")
     summary = summarize(out, skipped_rows=len(skipped))
     gen_s = sum(s["generate_seconds"] for s in stats)
     summary["this_run"] = {
         "shards_done": len(stats), "shards_reused": meta["num_shards"] - len(todo),
-        "wall_seconds": time.time() - t0, "generate_seconds": gen_s,
+        "wall_seconds": time.time() - t0, "generate_seconds": gen_s, "cpu_seconds": clock["cpu_s"],
         "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
         "verify_seconds": sum(s["verify_seconds"] for s in stats),
         "engine_dtypes": sorted({s["engine_dtype"] for s in stats}),  # "auto" resolved per actor
@@ -422,6 +425,16 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
         "generated_tokens_per_s": sum(s["generated_tokens"] for s in stats) / gen_s if gen_s else None,
     }
     summary["temperature"] = temperature
+    # Every invocation that did work is kept, so the cost of producing the dataset survives a
+    # resume and later reuse (compute accounting reads the totals).
+    history = out / RUNS_FILE
+    if stats:
+        with open(history, "a") as f:
+            f.write(json.dumps(summary["this_run"]) + "\n")
+    runs = [json.loads(x) for x in history.read_text().splitlines()] if history.exists() else []
+    summary["all_runs"] = {"runs": len(runs), **{k: sum(r.get(k) or 0.0 for r in runs) for k in (
+        "wall_seconds", "cpu_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
+        "generated_tokens")}} if runs else None
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prm_ray.bootstrap import BootstrapConfig
+from prm_ray.compute import count_parameters, forward_flops, measure, stage, total_flops, train_flops
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
 from prm_ray.rollout import RolloutConfig, SamplingConfig
@@ -107,7 +108,10 @@ class PRMSpec:
     axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
 
     def uses_reference(self, cfg: "StudyConfig") -> tuple[bool, bool]:
-        """(in training, at inference): this row's own choice, else the study's."""
+        """(in training, at inference): this row's own choice, else the study's. An explicit PRM
+        (Math-Shepherd) has no reference model."""
+        if get_objective(self.objective).explicit:
+            return False, False
         return (cfg.train.reference if self.reference_train is None else self.reference_train,
                 cfg.eval.reference if self.reference_infer is None else self.reference_infer)
 
@@ -147,15 +151,7 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | 
     return tc
 
 
-def _params(model_dir: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with __import__("torch").device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
-
-
-def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log) -> tuple[Path, dict]:
+def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log) -> tuple[Path, dict, "RolloutTokens"]:
     from prm_ray.rollout import run_rollouts
 
     rc = copy.deepcopy(rc)
@@ -164,17 +160,49 @@ def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int,
     out = rollout_dir(cfg, rc)
     rc.out = str(out)
     log(f"{label}: {rc.limit} {rc.split} instructions x {rc.sampling.n} -> {out}")
-    t0 = time.time()
-    summary = run_rollouts(rc)
-    wall = time.time() - t0
+    with measure() as m:
+        summary = run_rollouts(rc)
     this = summary["this_run"]
-    stage = {"stage": label, "wall_s": wall, "reused": this["shards_done"] == 0,
-             "generated_tokens": summary["generated_tokens_total"],
-             "flops": 2.0 * params * summary["generated_tokens_total"],
-             "instructions": summary["instructions"], "responses": summary["responses"],
-             "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
-             "verify_status": summary["verify_status"]}
-    return out, stage
+    tokens = RolloutTokens(out, cfg.policy)
+    stage_ = {"stage": label, "wall_s": m["wall_s"], "cpu_s": m["cpu_s"], "reused": this["shards_done"] == 0,
+              "prompt_tokens": tokens.prompt_total, "generated_tokens": summary["generated_tokens_total"],
+              "flops": forward_flops(params, tokens.prompt_total + summary["generated_tokens_total"]),
+              "instructions": summary["instructions"], "responses": summary["responses"],
+              "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
+              "verify_status": summary["verify_status"], "all_runs": summary.get("all_runs")}
+    return out, stage_, tokens
+
+
+class RolloutTokens:
+    """Per-response token counts of a rollout set, for charging each PRM the responses it uses.
+
+    ``prompt`` tokens are the chat-rendered prompt as the policy saw it; ``generated`` tokens are
+    ``num_tokens`` (EOS included when produced)."""
+
+    def __init__(self, data: Path, policy: str) -> None:
+        from transformers import AutoTokenizer
+
+        from prm_ray.compute import prompt_token_counts
+        from prm_ray.datasets import load_rollouts
+
+        self.table = load_rollouts(data, columns=["instruction_id", "sample_index", "verify_status", "prompt",
+                                                  "num_tokens"])
+        self.prompt = prompt_token_counts(AutoTokenizer.from_pretrained(policy), self.table.column("prompt").to_pylist())
+        self.generated = self.table.column("num_tokens").to_pylist()
+        self.keys = list(zip(self.table.column("instruction_id").to_pylist(),
+                             self.table.column("sample_index").to_pylist()))
+        self.prompt_total = sum(self.prompt)
+
+    def rows_for(self, dataset_cfg) -> list[int]:
+        from prm_ray.datasets import selected_rows
+
+        return selected_rows(self.table, dataset_cfg)
+
+    def rows_with_keys(self, keys: set) -> list[int]:
+        return [i for i, k in enumerate(self.keys) if k in keys]
+
+    def count(self, rows: list[int]) -> tuple[int, int]:
+        return sum(self.prompt[i] for i in rows), sum(self.generated[i] for i in rows)
 
 
 def _train_tokens(report: dict, out: Path) -> float:
@@ -221,14 +249,20 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
                        "train_seconds": card["train"]["train_seconds"]})
     else:
         stages.append({"stage": "policy", "wall_s": time.time() - t0, "reused": True})
-    params = _params(cfg.policy)
+    params = count_parameters(cfg.policy)
     init_ray(cfg.ray_address)
 
     # 2. Rollouts: training instructions and held-out test problems (disjoint splits).
-    train_data, st = _rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
+    train_data, st, train_tokens = _rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
     stages.append(st)
-    test_data, st = _rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
+    test_data, st, test_tokens = _rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
     stages.append(st)
+
+    # 2b. Math-Shepherd step labels of the training rollouts (only studies with an explicit PRM).
+    labels_dir, labels_info = None, None
+    if any(get_objective(s.objective).explicit and not s.undefined for s in specs):
+        labels_dir, st, labels_info = _shepherd_stage(cfg, train_data, params, log)
+        stages.append(st)
 
     # 3. Reference log-probs of the test responses, once: the likelihood baseline (the reference
     #    itself as the reward model, paper Table 4) and every PRM scored with the reference read them.
@@ -237,7 +271,8 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     log(f"reference log-probs of the test responses -> {ref_data}")
     info = reference_logprobs(test_data, reference, ref_data, cfg.eval)
     stages.append({"stage": "reference log-probs (test)", "wall_s": 0.0 if info["reused"] else info["seconds"],
-                   "reused": info["reused"], "flops": 2.0 * params * stages[2]["generated_tokens"]})
+                   "reused": info["reused"],
+                   "flops": forward_flops(params, test_tokens.prompt_total + stages[2]["generated_tokens"])})
 
     # ... and of the training responses, once for every PRM trained with a reference (each run
     #     takes a subset of them: k responses, a fraction of instructions, pairs).
@@ -249,7 +284,8 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         log(f"reference log-probs of the training responses -> {train_ref}")
         info = reference_logprobs(train_data, reference, train_ref, replace(cfg.eval, dtype=TRAIN_REF_DTYPE))
         stages.append({"stage": "reference log-probs (train)", "wall_s": 0.0 if info["reused"] else info["seconds"],
-                       "reused": info["reused"], "flops": 2.0 * params * stages[1]["generated_tokens"]})
+                       "reused": info["reused"], "seconds_when_made": info["seconds"],
+                       "flops": forward_flops(params, train_tokens.prompt_total + stages[1]["generated_tokens"])})
 
     # 4. Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
     #    best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
@@ -261,8 +297,11 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     results = []
     for spec in specs:
         train_with_ref, infer_ref = spec.uses_reference(cfg)
+        k = spec.responses_per_instruction
+        if get_objective(spec.objective).explicit:
+            k = cfg.shepherd.responses_per_instruction  # the labelled responses it trains on
         entry = {"name": spec.name, "objective": spec.objective,
-                 "responses_per_instruction": spec.responses_per_instruction or cfg.train_rollouts.sampling.n,
+                 "responses_per_instruction": k or cfg.train_rollouts.sampling.n,
                  "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,
                  "reference": train_with_ref, "reference_at_inference": infer_ref,
                  "axis": spec.axis}
@@ -270,37 +309,41 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
             log(f"{spec.name}: not defined ({spec.undefined})")
             results.append({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None})
             continue
-        tc = train_config(cfg, spec, train_data, train_ref)
+        explicit = get_objective(spec.objective).explicit
+        tc = train_config(cfg, spec, labels_dir if explicit else train_data, train_ref)
         log(f"{spec.name}: training -> {tc.out}")
-        t0 = time.time()
-        report = train_prm(tc, progress=False)
-        train_wall = time.time() - t0
+        with measure() as train_time:
+            report = train_prm(tc, progress=False)
+        _remember_timing(Path(tc.out), "train", train_time, report.get("reused", False))
         tokens = _train_tokens(report, Path(tc.out))
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.reference = infer_ref
         log(f"{spec.name}: evaluating on {stages[2]['instructions']} test problems x "
             f"{cfg.test_rollouts.sampling.n}")
-        t0 = time.time()
-        ev = evaluate_prm(tc.out, ref_data if infer_ref else test_data,
-                          run_dir / "eval" / spec.name, ecfg)
-        eval_wall = time.time() - t0
+        eval_dir = run_dir / "eval" / spec.name
+        with measure() as eval_time:
+            ev = evaluate_prm(tc.out, ref_data if infer_ref else test_data, eval_dir, ecfg)
+        _remember_timing(eval_dir, "eval", eval_time, ev["reused"])
         m = ev["metrics"]
         log(f"{spec.name}: bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
             f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
         ds = report.get("dataset", {})
-        # The reference forward covers the sequences the shared pass did not (approximately: their share).
-        rp = report.get("reference_pass") or {}
-        ref_share = rp.get("scored", 1) / max(rp.get("distinct_sequences", 1), 1) if train_with_ref else 0.0
-        stages.append({"stage": f"train {spec.name}", "wall_s": train_wall, "reused": report.get("reused", False),
-                       "flops": 6.0 * params * tokens + 2.0 * params * tokens / max(tc.epochs, 1) * ref_share,
-                       "train_tokens": tokens})
-        stages.append({"stage": f"eval {spec.name}", "wall_s": eval_wall, "reused": ev["reused"],
-                       "flops": 2.0 * params * stages[2]["generated_tokens"]})
-        results.append({**entry, "status": "ok", "prm": tc.out, "metrics": m,
+        compute = prm_compute(
+            params=params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens,
+            rollouts=train_tokens, rollout_stage=stages[1], labels_dir=labels_dir if explicit else None,
+            labels_info=labels_info if explicit else None, reference_train=train_with_ref and not explicit,
+            test_tokens=test_tokens, test_stage=stages[2], reference_infer=infer_ref,
+            train_timing=_timing(Path(tc.out), "train"), eval_timing=_timing(eval_dir, "eval"))
+        stages.append({"stage": f"train {spec.name}", "wall_s": train_time["wall_s"], "cpu_s": train_time["cpu_s"],
+                       "reused": report.get("reused", False), "flops": compute["stages"]["training"]["flops"]
+                       + compute["stages"].get("reference log-probs", {}).get("flops", 0.0), "train_tokens": tokens})
+        stages.append({"stage": f"eval {spec.name}", "wall_s": eval_time["wall_s"], "cpu_s": eval_time["cpu_s"],
+                       "reused": ev["reused"], "flops": compute["stages"]["scoring"]["flops"]})
+        results.append({**entry, "status": "ok", "prm": tc.out, "metrics": m, "compute": compute,
                         "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                                   "dataset_rows": ds.get("rows_out", ds.get("rows")),
                                   "final_metrics": report.get("final_metrics")},
-                        "eval_dir": str(run_dir / "eval" / spec.name)})
+                        "eval_dir": str(eval_dir)})
     total = time.time() - t_start
     out = {
         "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
@@ -317,6 +360,107 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     write_report(out, run_dir)
     log(f"report: {run_dir / 'report.md'} ({total / 60:.1f} min)")
     return out
+
+
+def _shepherd_stage(cfg: StudyConfig, train_data: Path, params: int, log) -> tuple[Path, dict, dict]:
+    """Math-Shepherd step labels of the training rollouts (``cfg.shepherd``), keyed like a rollout set."""
+    from prm_ray.datasets import load_rollouts
+    from prm_ray.shepherd import run_shepherd
+
+    sc = copy.deepcopy(cfg.shepherd)
+    sc.rollouts, sc.model = str(train_data), cfg.policy
+    sc.ray_address = cfg.ray_address or sc.ray_address
+    key = to_dict(sc)
+    for name in ("out", "progress"):
+        key.pop(name, None)
+    out = Path(cfg.runs_dir) / "shepherd" / f"{train_data.name}-{_hash(key)}"
+    sc.out = str(out)
+    log(f"Math-Shepherd labels: {sc.completions_per_step} completions per step of "
+        f"{sc.responses_per_instruction or 'all'} responses per instruction -> {out}")
+    with measure() as m:
+        summary = run_shepherd(sc)
+    lab = load_rollouts(out, columns=["completion_prompt_tokens", "completion_generated_tokens"])
+    prompt, generated = (sum(lab.column(c).to_pylist()) for c in lab.column_names)
+    return out, {"stage": "Math-Shepherd step labels", "wall_s": m["wall_s"], "cpu_s": m["cpu_s"],
+                 "reused": bool(summary.get("reused")), "prompt_tokens": prompt, "generated_tokens": generated,
+                 "flops": forward_flops(params, prompt + generated), "responses": lab.num_rows}, summary
+
+
+def _remember_timing(where: Path, name: str, m: dict, reused: bool) -> None:
+    """Keep a stage's measured seconds next to its output, so a later run that reuses the output
+    can still report what it cost."""
+    if not reused and where.exists():
+        (where / f"timing-{name}.json").write_text(json.dumps(m))
+
+
+def _timing(where: Path, name: str) -> dict | None:
+    path = where / f"timing-{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    report = where / "train_report.json"  # PRMs trained before timings were kept: wall time only
+    if name == "train" and report.exists():
+        return {"wall_s": sum(json.loads(report.read_text()).get("timings", {}).values()), "cpu_s": None}
+    return None
+
+
+def _scaled(value: float | None, share: float) -> float | None:
+    return None if value is None else value * share
+
+
+def prm_compute(*, params: int, dataset, epochs: int, train_tokens: float, rollouts: RolloutTokens,
+                rollout_stage: dict, labels_dir: Path | None, labels_info: dict | None, reference_train: bool,
+                test_tokens: RolloutTokens, test_stage: dict, reference_infer: bool,
+                train_timing: dict | None, eval_timing: dict | None) -> dict:
+    """What one PRM cost, stage by stage (formulas: ``prm_ray.compute``).
+
+    * generation: the training responses its data is built from (its k responses of its
+      instructions; for Math-Shepherd, the labelled responses), prompt and generated tokens;
+    * verification: the same responses (no FLOPs; verifier busy seconds, which overlap generation);
+    * step-label completions / verification (Math-Shepherd only): K completions per step boundary;
+    * reference log-probs (trained with the reference only): one forward over those sequences;
+    * training: 6 x params x trained tokens; scoring: the held-out responses, once per model.
+
+    A shared stage's seconds are charged in proportion to the tokens this PRM uses of it.
+    ``build_flops`` leaves out scoring (the paper's cost of a PRM: data collection and training).
+    """
+    from prm_ray.datasets import load_rollouts
+
+    if labels_dir is not None:
+        lab = load_rollouts(labels_dir, columns=["instruction_id", "sample_index", "completion_prompt_tokens",
+                                                 "completion_generated_tokens", "step_completions"])
+        rows = rollouts.rows_with_keys(set(zip(lab.column("instruction_id").to_pylist(),
+                                               lab.column("sample_index").to_pylist())))
+    else:
+        rows = rollouts.rows_for(dataset)
+    p_tok, g_tok = rollouts.count(rows)
+    runs = rollout_stage.get("all_runs") or {}
+    share = (p_tok + g_tok) / max(1, rollouts.prompt_total + rollout_stage["generated_tokens"])
+    stages = {
+        "generation": stage(forward_flops(params, p_tok + g_tok), wall_s=_scaled(runs.get("wall_seconds"), share),
+                            cpu_s=_scaled(runs.get("cpu_seconds"), share), prompt_tokens=p_tok,
+                            generated_tokens=g_tok, responses=len(rows)),
+        "verification": stage(0.0, wall_s=_scaled(runs.get("verify_seconds"), share), responses=len(rows)),
+    }
+    if labels_dir is not None:
+        cp = sum(lab.column("completion_prompt_tokens").to_pylist())
+        cg = sum(lab.column("completion_generated_tokens").to_pylist())
+        completions = sum(sum(c[:-1]) for c in lab.column("step_completions").to_pylist())  # the last step samples none
+        totals = ((labels_info or {}).get("timing") or {}).get("total") or {}
+        stages["step-label completions"] = stage(
+            forward_flops(params, cp + cg), wall_s=totals.get("wall_seconds"), cpu_s=totals.get("cpu_seconds"),
+            prompt_tokens=cp, generated_tokens=cg, completions=completions)
+        stages["step-label verification"] = stage(0.0, wall_s=totals.get("verify_seconds"), completions=completions)
+    if reference_train:
+        stages["reference log-probs"] = stage(forward_flops(params, p_tok + g_tok), tokens=p_tok + g_tok)
+    stages["training"] = stage(train_flops(params, train_tokens), **(train_timing or {}), tokens=train_tokens,
+                               epochs=epochs)
+    t_tok = test_tokens.prompt_total + test_stage["generated_tokens"]
+    forwards = 2 if reference_infer else 1
+    stages["scoring"] = stage(forwards * forward_flops(params, t_tok), **(eval_timing or {}), tokens=t_tok,
+                              responses=test_stage["responses"], forwards_per_token=forwards)
+    total = total_flops(stages)
+    return {"params": params, "stages": stages, "total_flops": total,
+            "build_flops": total - stages["scoring"]["flops"]}
 
 
 def _zero_scores(test_data: Path):
@@ -426,4 +570,55 @@ def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
                                      reference_train=train_ref, reference_infer=infer_ref,
                                      axis={"reference (train/inference)": f"{int(train_ref)}/{int(infer_ref)}",
                                            "series": "ce"}))
+    return specs
+
+
+def _shepherd():
+    from prm_ray.shepherd import ShepherdConfig
+
+    # K = 8 completions per step as in the paper. 2 of the 8 responses per instruction: labelling
+    # samples about 8 completions x 3.5 boundaries x 48 tokens per response, ~14x the response
+    # itself, so all 8000 default responses would take about an hour on 2 CPU cores; 2000 take ~15 min.
+    return ShepherdConfig(responses_per_instruction=2)
+
+
+@dataclass
+class CompareBaselinesConfig(StudyConfig):
+    """Figures 1 and 3: the implicit PRM against a Math-Shepherd PRM, accuracy next to compute."""
+
+    name: str = "compare_baselines"
+    objectives: list[str] = field(default_factory=lambda: ["ce", "dpo"])  # implicit PRMs
+    responses: list[int] = field(default_factory=lambda: [2, 8])  # their responses per instruction
+    shepherd_labels: list[str] = field(default_factory=lambda: ["hard", "soft"])
+    shepherd: Any = field(default_factory=_shepherd)  # prm_ray.shepherd.ShepherdConfig
+
+    def __post_init__(self) -> None:
+        from prm_ray.shepherd import ShepherdConfig
+
+        super().__post_init__()
+        if isinstance(self.shepherd, dict):  # from YAML / CLI
+            from prm_ray.config import from_dict
+
+            base = to_dict(_shepherd())
+            base.update(self.shepherd)
+            self.shepherd = from_dict(ShepherdConfig, base)
+        bad = [o for o in self.objectives if o not in ("ce", "dpo", "kto", "nca")]
+        if bad:
+            raise ConfigError(f"objectives: {bad} are not implicit-PRM objectives (ce, dpo, kto, nca)")
+        bad = [x for x in self.shepherd_labels if x not in ("hard", "soft")]
+        if bad:
+            raise ConfigError(f"shepherd_labels must be 'hard' and/or 'soft', got {bad}")
+        n = self.train_rollouts.sampling.n
+        if any(k < 1 or k > n for k in self.responses):
+            raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
+
+
+def compare_baselines_specs(cfg: CompareBaselinesConfig) -> list[PRMSpec]:
+    specs = scale_responses_specs(ScaleResponsesConfig(responses=cfg.responses, objectives=cfg.objectives,
+                                                       train_rollouts=cfg.train_rollouts))
+    for spec in specs:
+        spec.axis = {"method": f"implicit {spec.objective}", "series": "implicit PRM"}
+    for kind in cfg.shepherd_labels:
+        specs.append(PRMSpec(f"math-shepherd-{kind}", objective=f"math-shepherd-{kind}",
+                             axis={"method": f"Math-Shepherd ({kind})", "series": "Math-Shepherd"}))
     return specs

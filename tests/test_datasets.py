@@ -404,3 +404,15 @@ def test_step_label_objectives_take_the_labels_of_the_rows_they_keep():
         build(bad, objective="math-shepherd-soft")
     with pytest.raises(ConfigError, match="step labels"):
         DatasetConfig(objective="math-shepherd-hard", balance="dataset")
+
+
+def test_selected_rows_are_the_rows_the_examples_come_from():
+    from prm_ray.datasets import selected_rows
+
+    table = make_rollouts(BAL_SPEC, shuffle_seed=3)
+    for kw in (dict(), dict(responses_per_instruction=2), dict(instruction_fraction=0.5, seed=4)):
+        rows = selected_rows(table, DatasetConfig(objective="ce", **kw))
+        out, report = build(table, objective="ce", **kw)
+        assert len(rows) == report["rows_after_first_k"] == out.num_rows
+        keys = {(table.column("instruction_id")[i].as_py(), table.column("sample_index")[i].as_py()) for i in rows}
+        assert keys == set(zip(out.column("instruction_id").to_pylist(), out.column("sample_index").to_pylist()))

@@ -58,14 +58,20 @@ def test_grids():
     assert {(s.reference_train, s.reference_infer) for s in cmp[6:]} == {(True, True), (True, False), (False, True)}
 
 
-def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """One runs_dir for the module's studies: compare_baselines reuses scale_responses' rollouts and PRM."""
+    return tmp_path_factory.mktemp("study_runs")
+
+
+def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_runs, tmp_path):
     import scale_responses
 
-    cfg = _tiny(tiny_trained_policy[0].out, tmp_path / "runs")
+    cfg = _tiny(tiny_trained_policy[0].out, shared_runs)
     argv = ["--config", str(tmp_path / "cfg.json")]
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))  # JSON is YAML
     report = scale_responses.main(argv)
-    run = tmp_path / "runs" / "scale_responses"
+    run = shared_runs / "scale_responses"
     for f in ("report.md", "report.json", "bon_vs_n.png", "scaling.png", "stages.png", "config.yaml"):
         assert (run / f).stat().st_size > 0, f
     saved = json.loads((run / "report.json").read_text())
@@ -96,3 +102,63 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, tmp_path):
     again = scale_responses.main(argv)
     assert all(s["reused"] for s in again["stages"]), again["stages"]
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in saved["results"]]
+
+
+def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_session, shared_runs, tmp_path):
+    """The implicit PRM and a Math-Shepherd PRM on the same rollouts, with FLOPs per stage that
+    match the datasets they describe (runs after scale_responses and reuses its rollouts and PRM)."""
+    import compare_baselines
+    import pyarrow.dataset as pads
+    from transformers import AutoTokenizer
+
+    from prm_ray.compute import count_parameters, prompt_token_counts
+
+    policy = tiny_trained_policy[0].out
+    cfg = {**_tiny(policy, shared_runs), "objectives": ["ce"], "shepherd_labels": ["hard"],
+           "shepherd": {"completions_per_step": 2, "responses_per_instruction": 2, "shard_size": 32}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    report = compare_baselines.main(["--config", str(tmp_path / "cfg.json")])
+    run = shared_runs / "compare_baselines"
+    for f in ("report.md", "report.json", "accuracy_vs_flops.png", "cost.png"):
+        assert (run / f).stat().st_size > 0, f
+    by = {r["name"]: r for r in report["results"]}
+    assert set(by) == {"ce-k4", "math-shepherd-hard"}
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["train ce-k4"]["reused"]  # trained by the scale_responses study above
+    ms, ce = by["math-shepherd-hard"], by["ce-k4"]
+    assert ms["reference"] is False and ms["reference_at_inference"] is False and ms["responses_per_instruction"] == 2
+    assert set(ms["metrics"]) == set(ce["metrics"])
+
+    params = count_parameters(policy)
+    tok = AutoTokenizer.from_pretrained(policy)
+    roll = pads.dataset(str(next((shared_runs / "rollouts").glob("train-*")) / "data")).to_table().to_pylist()
+    labels = pads.dataset(str(next((shared_runs / "shepherd").glob("*")) / "data")).to_table().to_pylist()
+
+    def tokens(rows):
+        return sum(prompt_token_counts(tok, [r["prompt"] for r in rows])) + sum(r["num_tokens"] for r in rows)
+
+    c = ce["compute"]["stages"]
+    assert c["generation"]["responses"] == len(roll) == 48 * 4  # k = 4 of 4
+    assert c["generation"]["prompt_tokens"] + c["generation"]["generated_tokens"] == tokens(roll)
+    assert c["generation"]["flops"] == 2 * params * tokens(roll)
+    assert c["reference log-probs"]["flops"] == 2 * params * tokens(roll)  # trained with the reference here
+    assert c["training"]["flops"] == 6 * params * c["training"]["tokens"] > 0
+    m = ms["compute"]["stages"]
+    assert len(labels) == m["generation"]["responses"] == 48 * 2 and "reference log-probs" not in m
+    assert m["generation"]["prompt_tokens"] + m["generation"]["generated_tokens"] == tokens(labels)
+    done = m["step-label completions"]
+    assert done["prompt_tokens"] == sum(r["completion_prompt_tokens"] for r in labels)
+    assert done["generated_tokens"] == sum(r["completion_generated_tokens"] for r in labels)
+    assert done["completions"] == sum(2 * (len(r["steps"]) - 1) for r in labels)
+    assert done["flops"] == 2 * params * (done["prompt_tokens"] + done["generated_tokens"])
+    for r in (ce, ms):
+        comp = r["compute"]
+        assert comp["total_flops"] == pytest.approx(sum(s["flops"] for s in comp["stages"].values()))
+        assert comp["build_flops"] == pytest.approx(comp["total_flops"] - comp["stages"]["scoring"]["flops"])
+    ratio = ms["compute"]["build_flops"] / ce["compute"]["build_flops"]
+    md = (run / "report.md").read_text()
+    assert f"**math-shepherd-hard** costs **{ratio:.1f}x** the build FLOPs of **ce-k4**" in md
+
+    again = compare_baselines.main(["--config", str(tmp_path / "cfg.json")])
+    assert all(s["reused"] for s in again["stages"]), again["stages"]
+    assert [r["compute"]["total_flops"] for r in again["results"]] == [r["compute"]["total_flops"] for r in report["results"]]

@@ -1,0 +1,97 @@
+"""Compute accounting: FLOPs from parameter and token counts, and measured seconds, per stage.
+
+The paper's cost comparison (Figure 1, Figure 3: Math-Shepherd costs about 38.8x the implicit
+PRM's data collection and training) counts FLOPs with the usual dense-transformer estimates
+(Kaplan et al., 2020), which this module uses for every stage of every job:
+
+* a forward pass costs ``2 * params`` FLOPs per token (one multiply-add per parameter): sampling
+  (prompt and generated tokens), reference log-probs, scoring;
+* a training step costs ``6 * params`` per token (forward + backward, the backward twice the forward).
+
+``params`` counts every parameter, embeddings included (the tied LM head is a real matmul; for an
+8B model the difference is a few percent). Attention's ``L^2`` term is left out, as in the paper:
+at these lengths it is small against the weights. The estimates ignore what an engine saves
+(vLLM's prefix cache computes a shared prompt once; the count charges it per request), so they
+are the compute the algorithm asks for, not what a given engine spent; measured seconds sit next
+to them.
+
+Verification runs no model: its FLOPs are 0 and only its seconds and counts are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+FORWARD_FLOPS_PER_PARAM_TOKEN = 2.0
+TRAIN_FLOPS_PER_PARAM_TOKEN = 6.0
+
+__all__ = ["FORWARD_FLOPS_PER_PARAM_TOKEN", "TRAIN_FLOPS_PER_PARAM_TOKEN", "count_parameters",
+           "forward_flops", "measure", "prompt_token_counts", "stage", "total_flops", "train_flops"]
+
+
+def count_parameters(model_dir: str) -> int:
+    """Parameters of a Hugging Face causal LM, counted on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(params: int, tokens: float) -> float:
+    """``2 * params * tokens``: one forward pass over ``tokens`` tokens."""
+    return FORWARD_FLOPS_PER_PARAM_TOKEN * params * tokens
+
+
+def train_flops(params: int, tokens: float) -> float:
+    """``6 * params * tokens``: forward and backward over ``tokens`` trained tokens."""
+    return TRAIN_FLOPS_PER_PARAM_TOKEN * params * tokens
+
+
+def prompt_token_counts(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt as the policy sees it (chat template rendered), counted once per
+    distinct prompt."""
+    from prm_ray.policy import render_prompt
+
+    cache: dict[str, int] = {}
+    for p in set(prompts):
+        cache[p] = len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+    return [cache[p] for p in prompts]
+
+
+def stage(flops: float, *, wall_s: float | None = None, cpu_s: float | None = None, **counts) -> dict:
+    """One stage's entry in a ``compute`` object: FLOPs, measured seconds (None: not measured,
+    e.g. produced by an older run that did not record them) and its token or row counts."""
+    return {"flops": float(flops), "wall_s": wall_s, "cpu_s": cpu_s, **counts}
+
+
+def total_flops(stages: dict[str, dict]) -> float:
+    return float(sum(s["flops"] for s in stages.values()))
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return float(t.user + t.system)
+
+
+@contextmanager
+def measure() -> Iterator[dict]:
+    """Wall time and CPU-seconds of the enclosed block: ``{"wall_s", "cpu_s"}``, filled on exit.
+
+    CPU-seconds are the whole machine's (user + system over all cores, from ``psutil``), because
+    the work runs in Ray workers, not in this process. On a single-node cluster that is the job's
+    CPU time plus anything else running on the machine; on a multi-node cluster it counts this
+    node only, so it is reported for local runs and should be read as an upper bound.
+    """
+    out: dict = {}
+    t0, c0 = time.time(), _cpu_seconds()
+    try:
+        yield out
+    finally:
+        out["wall_s"] = time.time() - t0
+        out["cpu_s"] = _cpu_seconds() - c0
