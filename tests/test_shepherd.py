@@ -202,21 +202,25 @@ def test_known_labels_through_the_real_stages(hand_run, tiny_policy_path):
 def test_requests_carry_budget_and_per_completion_seeds(tiny_policy_path):
     from transformers import AutoTokenizer
 
-    s = StubSampler(tiny_policy_path, {}, {"temperature": 1.0, "top_p": 1.0, "max_tokens": 30, "seed": 5,
-                                           "context_length": 40}, 2)
     tok = AutoTokenizer.from_pretrained(tiny_policy_path)
-    steps = encode_pair(tok, "1+1+1+1", HAND_ROWS[5][4]).steps
-    reqs = s._requests({"instruction_id": ["B"], "sample_index": [0], "prompt": ["1+1+1+1"], "steps": [steps]})
-    assert [(q["step"], q["index"]) for q in reqs] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
-    prompt_len = len(tok(render_prompt(tok, "1+1+1+1"), add_special_tokens=False)["input_ids"])
-    for q in reqs:
-        prefix = "".join(steps[: q["step"] + 1])
-        assert q["prefix"] == prefix and len(q["prompt_token_ids"]) == prompt_len + len(prefix)
-        assert q["seed"] == sample_seed(5, f"B/0/{q['step']}", q["index"])
-        # rollout budget minus the prefix, capped by the context minus the prompt+prefix minus EOS
-        assert q["max_tokens"] == max(1, min(30 - len(prefix), 40 - prompt_len - len(prefix) - 1))
-    assert len({q["seed"] for q in reqs}) == len(reqs)
-    assert reqs[-1]["max_tokens"] == 1  # the context is used up: at least one token
+    steps = encode_pair(tok, "1+1+1+1", HAND_ROWS[5][4]).steps  # 4 steps of 17, 17, 17, 23 chars
+    prompt_len = len(tok(render_prompt(tok, "1+1+1+1"), add_special_tokens=False)["input_ids"])  # 12
+    budgets = {}
+    for ctx in (100, 40):
+        s = StubSampler(tiny_policy_path, {}, {"temperature": 1.0, "top_p": 1.0, "max_tokens": 30, "seed": 5,
+                                               "context_length": ctx}, 2)
+        reqs = s._requests({"instruction_id": ["B"], "sample_index": [0], "prompt": ["1+1+1+1"],
+                            "steps": [steps]})
+        assert [(q["step"], q["index"]) for q in reqs] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+        for q in reqs:
+            prefix = "".join(steps[: q["step"] + 1])
+            assert q["prefix"] == prefix and len(q["prompt_token_ids"]) == prompt_len + len(prefix)
+            assert q["seed"] == sample_seed(5, f"B/0/{q['step']}", q["index"])
+            # the rollout budget minus the prefix, capped by the context minus prompt, prefix and EOS
+            assert q["max_tokens"] == max(1, min(30 - len(prefix), ctx - prompt_len - len(prefix) - 1))
+        assert len({q["seed"] for q in reqs}) == len(reqs)
+        budgets[ctx] = [q["max_tokens"] for q in reqs[::2]]
+    assert budgets == {100: [13, 1, 1], 40: [10, 1, 1]}  # rollout budget binds at 100, context at 40
 
 
 def test_finished_output_is_reused_and_runs_are_appended(hand_run):
@@ -302,8 +306,9 @@ def real_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
 
 
 def _real_cfg(rollouts, out, **kw):
-    return ShepherdConfig(rollouts=str(rollouts), out=str(out), completions_per_step=2, shard_size=2,
-                          progress=False, **kw)
+    base = dict(rollouts=str(rollouts), out=str(out), completions_per_step=2, shard_size=2, progress=False)
+    base.update(kw)
+    return ShepherdConfig(**base)
 
 
 @pytest.fixture(scope="module")
