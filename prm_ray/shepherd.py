@@ -443,6 +443,21 @@ def _append_run(out: Path, record: dict) -> dict:
     return {"this_run": record, "total": total, "runs": len(runs)}
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a (Ray-wrapped) exception, as "Type: message" (for runs.jsonl).
+
+    Ray's task errors carry the worker's traceback text only; its first exception line is the
+    original error (chained tracebacks print the cause first)."""
+    import re
+
+    for line in str(exc).splitlines():
+        m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _finished(out: Path) -> dict | None:
     path = out / SUMMARY_FILE
     if not path.exists():
@@ -454,6 +469,39 @@ def _finished(out: Path) -> dict | None:
     if any(not shard_path(out, sid).exists() for sid in range(n)):
         return None
     return summary
+
+
+def _run_pipeline(cfg: ShepherdConfig, settings: dict, rmeta: dict, out: Path, todo: list[dict],
+                  sampler_cls: type, stats: list[dict]) -> None:
+    """Sampler -> verifier -> writer over the shards still to do; appends each shard's stats."""
+    import ray
+    from tqdm.auto import tqdm
+
+    init_ray(cfg.ray_address)
+    e, v = cfg.engine, cfg.verifier
+    engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
+    if e.accelerator_type:
+        engine_args["accelerator_type"] = e.accelerator_type
+    rcfg = dict(rmeta["config"], verifier=to_dict(cfg.verifier))  # the rollouts' task, our pool
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
+        fn_constructor_kwargs={"model": settings["model"], "engine": vars(e), "sampling": settings["sampling"],
+                               "completions_per_step": cfg.completions_per_step},
+        **engine_args,
+    )
+    ds = ds.map_batches(ShepherdVerifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
+                        num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": rcfg})
+    ds = ds.map_batches(write_labels, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
+                        fn_kwargs={"out": str(out)})
+    total = sum(len(s["response"]) for s in todo)
+    with tqdm(total=total, desc=f"step labels ({len(todo)} shards)", unit="resp",
+              disable=not cfg.progress) as bar:
+        for row in ds.iter_rows():
+            stats.append(row)
+            bar.update(row["responses"])
+            gen = sum(s["generate_seconds"] for s in stats)
+            bar.set_postfix(completions_s=f"{sum(s['completions'] for s in stats) / max(gen, 1e-9):.1f}")
 
 
 def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
@@ -498,36 +546,26 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
     todo = [s for s in shards if not shard_path(out, s["shard_id"]).exists()]
     stats: list[dict] = []
     t0 = time.time()
-    if todo:
-        import ray
-        from tqdm.auto import tqdm
 
-        init_ray(cfg.ray_address)
-        e, v = cfg.engine, cfg.verifier
-        engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
-        if e.accelerator_type:
-            engine_args["accelerator_type"] = e.accelerator_type
-        rcfg = dict(rmeta["config"], verifier=to_dict(cfg.verifier))  # the rollouts' task, our pool
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
-            fn_constructor_kwargs={"model": settings["model"], "engine": vars(e),
-                                   "sampling": settings["sampling"],
-                                   "completions_per_step": cfg.completions_per_step},
-            **engine_args,
-        )
-        ds = ds.map_batches(ShepherdVerifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
-                            num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": rcfg})
-        ds = ds.map_batches(write_labels, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
-                            fn_kwargs={"out": str(out)})
-        total = sum(len(s["response"]) for s in todo)
-        with tqdm(total=total, desc=f"step labels ({len(todo)} shards)", unit="resp",
-                  disable=not cfg.progress) as bar:
-            for row in ds.iter_rows():
-                stats.append(row)
-                bar.update(row["responses"])
-                gen = sum(s["generate_seconds"] for s in stats)
-                bar.set_postfix(completions_s=f"{sum(s['completions'] for s in stats) / max(gen, 1e-9):.1f}")
+    def record(**extra) -> dict:
+        return _append_run(out, {
+            "started": started, "reused": False, "wall_seconds": time.time() - t_start, "plan_seconds": plan_s,
+            "generate_seconds": sum(s["generate_seconds"] for s in stats),
+            "verify_seconds": sum(s["verify_seconds"] for s in stats),
+            "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
+            "pipeline_seconds": time.time() - t0 if todo else 0.0,
+            "shards_done": len(stats), "shards_reused": len(shards) - len(todo),
+            "completions": sum(s["completions"] for s in stats),
+            "generated_tokens": sum(s["generated_tokens"] for s in stats),
+            "engine_dtypes": sorted({s["engine_dtype"] for s in stats}), **extra,
+        })
+
+    if todo:
+        try:
+            _run_pipeline(cfg, settings, rmeta, out, todo, sampler_cls, stats)
+        except BaseException as exc:  # a failed run's seconds still count towards the totals
+            record(failed=_root_cause(exc)[:500])
+            raise
 
     summary = summarize_labels(out)
     summary.update(
@@ -538,17 +576,7 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
         shards={"total": len(shards), "done_this_run": len(stats), "reused_this_run": len(shards) - len(todo)},
     )
     summary["complete"] = summary["rows_labelled"] == plan["rows_to_label"]
-    summary["timing"] = _append_run(out, {
-        "started": started, "reused": False, "wall_seconds": time.time() - t_start, "plan_seconds": plan_s,
-        "generate_seconds": sum(s["generate_seconds"] for s in stats),
-        "verify_seconds": sum(s["verify_seconds"] for s in stats),
-        "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
-        "pipeline_seconds": time.time() - t0 if todo else 0.0,
-        "shards_done": len(stats), "shards_reused": len(shards) - len(todo),
-        "completions": sum(s["completions"] for s in stats),
-        "generated_tokens": sum(s["generated_tokens"] for s in stats),
-        "engine_dtypes": sorted({s["engine_dtype"] for s in stats}),
-    })
+    summary["timing"] = record()
     summary["reused"] = False
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

@@ -85,6 +85,11 @@ class StubSampler(ShepherdSampler):
         return out
 
 
+class FailingSampler(StubSampler):
+    def __call__(self, batch):
+        raise RuntimeError("scripted sampler failure")
+
+
 class ExplodingSampler:
     def __init__(self, *args, **kwargs):
         raise AssertionError("a finished output must not start the sampler")
@@ -240,9 +245,15 @@ def test_resume_redoes_only_missing_shards(hand_run, tmp_path):
     (resumed / "data").mkdir(parents=True)
     shutil.copy(out / "data" / "shard-000001.parquet", resumed / "data")
     (resumed / "data" / ".shard-000002.parquet.tmp-9").write_bytes(b"partial")
+    with pytest.raises(Exception, match="scripted sampler failure"):
+        run_shepherd(_stub_cfg(rollouts, resumed), sampler_cls=FailingSampler)
+    failed = json.loads((resumed / "runs.jsonl").read_text())
+    assert failed["failed"] == "RuntimeError: scripted sampler failure" and failed["wall_seconds"] > 0
     summary = run_shepherd(_stub_cfg(rollouts, resumed), sampler_cls=StubSampler)
     assert summary["shards"] == {"total": 3, "done_this_run": 2, "reused_this_run": 1}
     assert _keyed(_read(resumed)) == _keyed(_read(out))
+    assert summary["timing"]["runs"] == 2  # the failed run's seconds are kept in the totals
+    assert summary["timing"]["total"]["wall_seconds"] > summary["timing"]["this_run"]["wall_seconds"]
 
 
 def test_changed_settings_or_rollouts_are_refused(hand_run, tmp_path):
