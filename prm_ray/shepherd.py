@@ -1,0 +1,628 @@
+"""Math-Shepherd step labels (Wang et al., 2024): Monte-Carlo completions from every step boundary.
+
+For a verified response split into steps s_1..s_S (exactly the split the PRM trainer and scorer
+use: :func:`prm_ray.prm.encode_pair`, separator "\\n\\n"), each boundary t < S is labelled by
+sampling K completions from the policy continuing the prefix s_1..s_t and verifying
+``prefix + completion`` against the gold answer:
+
+    hard label = 1 if any completion reaches the gold answer else 0
+    soft label = (completions that reach it) / K
+
+The last step's label is the response's own correctness (its only completion is itself).
+
+Pipeline (Ray Data, one shard of ``shard_size`` responses per batch, like :mod:`prm_ray.rollout`)::
+
+    shard rows --> ShepherdSampler (vllm.LLM; K requests per boundary, each with its own seed)
+               --> ShepherdVerifier (the rollouts' task verifier, on prefix + completion)
+               --> write_labels (labels; one Parquet file per shard, atomic) --> driver: stats only
+
+A killed run resumes by skipping shard files that exist; a finished output directory with the same
+settings is returned as is (``"reused": true``) without starting any Ray work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prm_ray.config import ConfigError, from_dict, save_config, to_dict
+from prm_ray.rollout import (
+    SCHEMA,
+    EngineConfig,
+    RolloutConfig,
+    VerifierConfig,
+    VLLMSampler,
+    _one,
+    init_ray,
+    make_task,
+    sample_seed,
+    shard_path,
+)
+
+__all__ = ["LABEL_SCHEMA", "ShepherdConfig", "ShepherdSampler", "ShepherdSamplingConfig",
+           "ShepherdVerifier", "run_shepherd", "summarize_labels", "write_labels"]
+
+LABEL_SCHEMA = pa.schema(list(SCHEMA) + [
+    ("steps", pa.list_(pa.string())),  # the PRM's step split; concatenates back to `response`
+    ("step_completions", pa.list_(pa.int32())),  # K per boundary; 1 for the last step
+    ("step_correct", pa.list_(pa.int32())),  # completions reaching the gold answer (last: correct)
+    ("step_labels_hard", pa.list_(pa.float32())),  # 1 if step_correct > 0 else 0
+    ("step_labels_soft", pa.list_(pa.float32())),  # step_correct / step_completions
+    ("completion_prompt_tokens", pa.int64()),  # sum of the completion requests' prompt lengths
+    ("completion_generated_tokens", pa.int64()),  # sum of the completions' generated tokens
+    ("completions_unverifiable", pa.int32()),  # completions with verify_status timeout/error
+])
+"""One row per labelled response: the rollout columns plus the step labels (docs/rollouts.md)."""
+
+META_FILE = "shepherd_meta.json"
+SUMMARY_FILE = "summary.json"
+RUNS_FILE = "runs.jsonl"
+ROLLOUT_META = "rollout_meta.json"
+
+SKIP_REASONS = ("unverifiable_timeout", "unverifiable_error", "beyond_first_k", "exceeds_context")
+_VERIFIABLE = ("ok", "no_answer")  # = prm_ray.datasets.VERIFIABLE (not imported: keeps stages light)
+_UNVERIFIABLE = ("timeout", "error")
+
+
+@dataclass
+class ShepherdSamplingConfig:
+    # None: the rollouts' own temperature (rollout_meta.json), so completions come from the same
+    # distribution the responses were sampled from.
+    temperature: float | None = None
+    top_p: float = 1.0
+    # None: the rollouts' max_tokens. A completion gets what the response had left after the
+    # prefix: max_tokens - prefix tokens (at least 1), capped by the context.
+    max_tokens: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ShepherdConfig:
+    """Label every step of verified rollouts by Monte-Carlo completion (Math-Shepherd)."""
+
+    rollouts: str = "runs/rollouts/train"  # a rollout output dir (holds rollout_meta.json and data/)
+    out: str = "runs/shepherd"
+    model: str | None = None  # the completer; None: the rollouts' own model
+    completions_per_step: int = 8  # K (the paper's default)
+    responses_per_instruction: int | None = None  # first k verifiable responses by sample_index; None = all
+    shard_size: int = 64  # responses per output file (the unit of resume)
+    sampling: ShepherdSamplingConfig = field(default_factory=ShepherdSamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    ray_address: str | None = None  # None: RAY_ADDRESS, a running local cluster, or a new one
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1{' or null' if allow_none else ''}, "
+                                  f"got {value!r}")
+
+        for name in ("rollouts", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ConfigError(f"model must be a non-empty path/hub id or null, got {self.model!r}")
+        positive_int("completions_per_step", self.completions_per_step)
+        positive_int("responses_per_instruction", self.responses_per_instruction, allow_none=True)
+        positive_int("shard_size", self.shard_size)
+        s = self.sampling
+        if s.temperature is not None and (isinstance(s.temperature, bool) or s.temperature < 0):
+            raise ConfigError(f"sampling.temperature must be >= 0 or null, got {s.temperature!r}")
+        if isinstance(s.top_p, bool) or not 0 < s.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p!r}")
+        positive_int("sampling.max_tokens", s.max_tokens, allow_none=True)
+        if isinstance(s.seed, bool) or not isinstance(s.seed, int):
+            raise ConfigError(f"sampling.seed must be an integer, got {s.seed!r}")
+        if self.engine.replicas < 1:
+            raise ConfigError(f"engine.replicas must be >= 1, got {self.engine.replicas}")
+        if self.verifier.replicas < 1:
+            raise ConfigError(f"verifier.replicas must be >= 1, got {self.verifier.replicas}")
+        if self.verifier.timeout_s <= 0:
+            raise ConfigError(f"verifier.timeout_s must be > 0, got {self.verifier.timeout_s}")
+        if self.engine.max_model_len is not None and self.engine.max_model_len < 2:
+            raise ConfigError(f"engine.max_model_len must be >= 2 or null, got {self.engine.max_model_len}")
+        if self.engine.num_gpus and self.engine.num_gpus != self.engine.tensor_parallel_size:
+            raise ConfigError(f"engine.num_gpus ({self.engine.num_gpus:g}) must equal "
+                              f"engine.tensor_parallel_size ({self.engine.tensor_parallel_size})")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data stages. Each receives and returns a one-row pyarrow table holding one shard: lists of
+# the responses' rollout columns plus `steps`; the sampler adds one entry per completion
+# (c_row = the response's position in the shard, c_step = boundary t, c_index = j).
+# --------------------------------------------------------------------------------------------
+
+
+class ShepherdSampler(VLLMSampler):
+    """The policy's vLLM engine in a Ray actor; K completions per step boundary of a shard.
+
+    Constructor and call contract (also of ``sampler_cls`` replacements): ``(model, engine,
+    sampling, completions_per_step)`` where ``sampling`` holds the resolved ``temperature``,
+    ``top_p``, ``max_tokens``, ``seed`` and ``context_length``; ``__call__(shard) -> shard`` adding
+    ``c_row, c_step, c_index, c_seed, c_text, c_tokens, c_prompt_tokens`` and
+    ``generate_seconds, engine_startup_seconds, engine_dtype``. A test double can override only
+    :meth:`_generate` (and skip the engine in ``__init__``) to reuse the request building here.
+    """
+
+    def __init__(self, model: str, engine: dict, sampling: dict, completions_per_step: int) -> None:
+        super().__init__(model, engine, sampling, sampling["temperature"])
+        self.k = completions_per_step
+
+    def _requests(self, shard: dict) -> list[dict]:
+        """One request per (response, boundary t, completion j): chat-rendered prompt ids + the
+        prefix's ids (tokenized separately and concatenated, as encode_pair does)."""
+        from prm_ray.policy import render_prompt
+
+        s, tok = self.sampling, self.tokenizer
+        ctx = s.get("context_length")
+        prompt_ids: dict[str, list[int]] = {}
+        requests = []
+        for r, (iid, sidx, prompt, steps) in enumerate(zip(shard["instruction_id"], shard["sample_index"],
+                                                           shard["prompt"], shard["steps"])):
+            if prompt not in prompt_ids:
+                prompt_ids[prompt] = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+            p_ids = prompt_ids[prompt]
+            for t in range(len(steps) - 1):
+                prefix = "".join(steps[: t + 1])
+                x_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+                ids = list(p_ids) + list(x_ids)
+                # The response's own budget minus what the prefix used, and room for the EOS that
+                # training/scoring append (as VLLMSampler caps responses).
+                budget = s["max_tokens"] - len(x_ids)
+                if ctx:
+                    budget = min(budget, ctx - len(ids) - 1)
+                budget = max(1, budget)
+                for j in range(self.k):
+                    requests.append({"row": r, "step": t, "index": j, "prefix": prefix,
+                                     "prompt_token_ids": ids, "max_tokens": budget,
+                                     "seed": sample_seed(s["seed"], f"{iid}/{sidx}/{t}", j)})
+        return requests
+
+    def _generate(self, requests: list[dict]) -> list[tuple[str, int]]:
+        """(completion text, generated tokens) per request, in order."""
+        if not requests:
+            return []
+        from vllm import SamplingParams
+
+        s = self.sampling
+        params = [SamplingParams(n=1, temperature=self.temperature, top_p=s["top_p"],
+                                 max_tokens=q["max_tokens"], seed=q["seed"]) for q in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": q["prompt_token_ids"]} for q in requests],
+                                    params, use_tqdm=False)
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shard = _one(batch)
+        requests = self._requests(shard)
+        t0 = time.time()
+        results = self._generate(requests)
+        gen_s = time.time() - t0
+        if len(results) != len(requests):
+            raise RuntimeError(f"{len(results)} completions for {len(requests)} requests")
+        shard.update(
+            c_row=[q["row"] for q in requests], c_step=[q["step"] for q in requests],
+            c_index=[q["index"] for q in requests], c_seed=[q["seed"] for q in requests],
+            c_prompt_tokens=[len(q["prompt_token_ids"]) for q in requests],
+            c_text=[text for text, _ in results], c_tokens=[n for _, n in results],
+            generate_seconds=gen_s, engine_startup_seconds=self.startup_s,
+            engine_dtype=getattr(self, "dtype", "unknown"),
+        )
+        self.startup_s = 0.0  # count start-up once per actor
+        return pa.Table.from_pylist([shard])
+
+
+class ShepherdVerifier:
+    """The rollouts' task verifier in a Ray actor, judging ``prefix + completion``."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.task = make_task(from_dict(RolloutConfig, cfg))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shard = _one(batch)
+        steps, gold = shard["steps"], shard["gold_answer"]
+        texts = ["".join(steps[r][: t + 1]) + c
+                 for r, t, c in zip(shard["c_row"], shard["c_step"], shard["c_text"])]
+        t0 = time.time()
+        verdicts = self.task.verify_batch(texts, [gold[r] for r in shard["c_row"]]) if texts else []
+        shard["verify_seconds"] = time.time() - t0
+        shard["c_correct"] = [bool(v.correct) for v in verdicts]
+        shard["c_status"] = [v.status.value for v in verdicts]
+        return pa.Table.from_pylist([shard])
+
+
+def _labels(shard: dict) -> dict[str, list]:
+    """Per response: completions, correct counts, hard/soft labels, token and unverifiable counts."""
+    n = len(shard["response"])
+    correct = [[0] * (len(s) - 1) for s in shard["steps"]]
+    sampled = [[0] * (len(s) - 1) for s in shard["steps"]]
+    unverifiable, prompt_tok, gen_tok = [0] * n, [0] * n, [0] * n
+    for r, t, ok, status, pt, gt in zip(shard["c_row"], shard["c_step"], shard["c_correct"], shard["c_status"],
+                                        shard["c_prompt_tokens"], shard["c_tokens"]):
+        sampled[r][t] += 1
+        correct[r][t] += bool(ok)
+        unverifiable[r] += status in _UNVERIFIABLE
+        prompt_tok[r] += pt
+        gen_tok[r] += gt
+    out: dict[str, list] = {k: [] for k in ("step_completions", "step_correct", "step_labels_hard",
+                                            "step_labels_soft")}
+    for r in range(n):
+        comp = sampled[r] + [1]  # the last step's only completion is the response itself
+        corr = correct[r] + [int(bool(shard["correct"][r]))]
+        out["step_completions"].append(comp)
+        out["step_correct"].append(corr)
+        out["step_labels_hard"].append([float(c > 0) for c in corr])
+        out["step_labels_soft"].append([c / m for c, m in zip(corr, comp)])
+    out.update(completion_prompt_tokens=prompt_tok, completion_generated_tokens=gen_tok,
+               completions_unverifiable=unverifiable)
+    return out
+
+
+def write_labels(batch: pa.Table, out: str) -> pa.Table:
+    """Label one shard's responses and write them to Parquet atomically; return its stats."""
+    shard = _one(batch)
+    labels = _labels(shard)
+    cols = {name: shard[name] for name in SCHEMA.names}
+    cols["steps"] = shard["steps"]
+    cols.update(labels)
+    table = pa.table({name: cols[name] for name in LABEL_SCHEMA.names}, schema=LABEL_SCHEMA)
+    path = shard_path(Path(out), shard["shard_id"])
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # hidden from dataset discovery
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return pa.Table.from_pylist([{
+        "shard_id": shard["shard_id"], "responses": table.num_rows,
+        "completions": len(shard["c_row"]), "generated_tokens": sum(shard["c_tokens"]),
+        "generate_seconds": shard["generate_seconds"], "verify_seconds": shard["verify_seconds"],
+        "engine_startup_seconds": shard["engine_startup_seconds"], "engine_dtype": shard["engine_dtype"],
+    }])
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _read_rollout_meta(rollouts: Path) -> dict:
+    path = rollouts / ROLLOUT_META
+    if not path.exists():
+        raise ConfigError(f"rollouts: {rollouts} is not a rollout output directory (no {ROLLOUT_META}); "
+                          "point it at the --out of jobs/rollout.py")
+    return json.loads(path.read_text())
+
+
+def _fingerprint(rollouts: Path) -> str:
+    """sha256 over the rollout shard files' names and bytes: labels are tied to this data."""
+    h = hashlib.sha256()
+    files = sorted((rollouts / "data").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no rollout Parquet files in {rollouts / 'data'}")
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _context_length(model: str, max_model_len: int | None) -> int | None:
+    """The tighter of vLLM's max_model_len and the model's max_position_embeddings (what the PRM
+    trainer and scorer accept: they never truncate)."""
+    from transformers import AutoConfig
+
+    limits = [max_model_len, getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
+def _settings(cfg: ShepherdConfig, rollouts: Path, rmeta: dict) -> dict:
+    """Everything that decides the labels; a different value refuses to reuse an output dir."""
+    rcfg = rmeta["config"]
+    model = cfg.model or rcfg["model"]
+    s = cfg.sampling
+    return {
+        "rollouts_data": _fingerprint(rollouts),
+        "model": model,
+        "completions_per_step": cfg.completions_per_step,
+        "responses_per_instruction": cfg.responses_per_instruction,
+        "shard_size": cfg.shard_size,
+        "sampling": {
+            "temperature": s.temperature if s.temperature is not None else float(rmeta.get("temperature", 1.0)),
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens if s.max_tokens is not None else int(rcfg["sampling"]["max_tokens"]),
+            "seed": s.seed,
+            "context_length": _context_length(model, cfg.engine.max_model_len),
+        },
+    }
+
+
+def _check_meta(out: Path, settings: dict) -> None:
+    """Refuse to mix labels made with different settings (or from other rollouts) into one dir."""
+    path = out / META_FILE
+    if not path.exists():
+        return
+    old = json.loads(path.read_text()).get("settings", {})
+
+    def diff(a: dict, b: dict, prefix: str = "") -> str | None:
+        for key in sorted(set(a) | set(b)):
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                found = diff(x, y, f"{prefix}{key}.")
+                if found:
+                    return found
+            elif x != y:
+                return f"{prefix}{key}"
+        return None
+
+    key = diff(old, settings)
+    if key:
+        names = {"rollouts_data": "rollouts (the rollout data differs)",
+                 "sampling.context_length": "sampling.context_length (engine.max_model_len / model context)"}
+        old_v, new_v = old, settings
+        for part in key.split("."):
+            old_v, new_v = (old_v or {}).get(part), (new_v or {}).get(part)
+        raise ConfigError(f"{out} already holds step labels made with a different '{names.get(key, key)}' "
+                          f"({old_v!r} vs {new_v!r}); use another --out or delete it")
+
+
+def _plan(cfg: ShepherdConfig, rollouts: Path, settings: dict) -> tuple[list[dict], dict]:
+    """Select the responses to label and split them into steps; return (shards, plan report)."""
+    from transformers import AutoTokenizer
+
+    from prm_ray.datasets import load_rollouts
+    from prm_ray.prm import encode_pair
+
+    table = load_rollouts(rollouts, columns=SCHEMA.names)
+    cols = table.select(["instruction_id", "sample_index", "verify_status", "correct"]).to_pydict()
+    keys = list(zip(cols["instruction_id"], cols["sample_index"]))
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, c in Counter(keys).items() if c > 1)
+        raise ValueError(f"rollouts {rollouts}: duplicate (instruction_id, sample_index) {dup}")
+    skipped = Counter({r: 0 for r in SKIP_REASONS})
+    verifiable: dict[str, list[int]] = {}
+    for i, status in enumerate(cols["verify_status"]):
+        if status in _UNVERIFIABLE:
+            skipped[f"unverifiable_{status}"] += 1
+        elif status in _VERIFIABLE and cols["correct"][i] is not None:
+            verifiable.setdefault(cols["instruction_id"][i], []).append(i)
+        else:
+            raise ValueError(f"rollouts {rollouts}: row {keys[i]} has verify_status {status!r} and "
+                             f"correct {cols['correct'][i]!r} (see docs/rollouts.md)")
+    k = cfg.responses_per_instruction
+    chosen = []
+    for iid in sorted(verifiable):
+        rows = sorted(verifiable[iid], key=lambda i: cols["sample_index"][i])
+        if k is not None:
+            skipped["beyond_first_k"] += len(rows[k:])
+            rows = rows[:k]
+        chosen.extend(rows)
+
+    tok = AutoTokenizer.from_pretrained(settings["model"])
+    ctx = settings["sampling"]["context_length"]
+    sub = table.take(chosen).to_pydict() if chosen else {n: [] for n in SCHEMA.names}
+    keep, steps = [], []
+    for i, (prompt, response) in enumerate(zip(sub["prompt"], sub["response"])):
+        try:
+            item = encode_pair(tok, prompt, response, max_length=ctx)
+        except ValueError:
+            skipped["exceeds_context"] += 1
+            continue
+        keep.append(i)
+        steps.append(item.steps)
+    shards = []
+    for sid, start in enumerate(range(0, len(keep), cfg.shard_size)):
+        idx = keep[start : start + cfg.shard_size]
+        shard = {"shard_id": sid, **{n: [sub[n][i] for i in idx] for n in SCHEMA.names},
+                 "steps": steps[start : start + cfg.shard_size]}
+        shards.append(shard)
+    plan = {"rows_in_rollouts": table.num_rows, "rows_to_label": len(keep), "rows_skipped": dict(skipped),
+            "num_shards": len(shards), "steps": sum(len(s) for s in steps),
+            "boundaries": sum(len(s) - 1 for s in steps)}
+    return shards, plan
+
+
+def _append_run(out: Path, record: dict) -> dict:
+    """Append this invocation's timing to runs.jsonl; return totals over all invocations."""
+    with open(out / RUNS_FILE, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    runs = [json.loads(line) for line in (out / RUNS_FILE).read_text().splitlines() if line.strip()]
+    total = {k: sum(r.get(k, 0) for r in runs) for k in
+             ("wall_seconds", "plan_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
+              "shards_done", "completions", "generated_tokens")}
+    return {"this_run": record, "total": total, "runs": len(runs)}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a (Ray-wrapped) exception, as "Type: message" (for runs.jsonl).
+
+    Ray's task errors carry the worker's traceback text only; its first exception line is the
+    original error (chained tracebacks print the cause first)."""
+    import re
+
+    for line in str(exc).splitlines():
+        m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _finished(out: Path) -> dict | None:
+    path = out / SUMMARY_FILE
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    n = summary.get("shards", {}).get("total")
+    if not summary.get("complete") or n is None:
+        return None
+    if any(not shard_path(out, sid).exists() for sid in range(n)):
+        return None
+    return summary
+
+
+def _run_pipeline(cfg: ShepherdConfig, settings: dict, rmeta: dict, out: Path, todo: list[dict],
+                  sampler_cls: type, stats: list[dict]) -> None:
+    """Sampler -> verifier -> writer over the shards still to do; appends each shard's stats."""
+    import ray
+    from tqdm.auto import tqdm
+
+    init_ray(cfg.ray_address)
+    e, v = cfg.engine, cfg.verifier
+    engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
+    if e.accelerator_type:
+        engine_args["accelerator_type"] = e.accelerator_type
+    rcfg = dict(rmeta["config"], verifier=to_dict(cfg.verifier))  # the rollouts' task, our pool
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
+        fn_constructor_kwargs={"model": settings["model"], "engine": vars(e), "sampling": settings["sampling"],
+                               "completions_per_step": cfg.completions_per_step},
+        **engine_args,
+    )
+    ds = ds.map_batches(ShepherdVerifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
+                        num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": rcfg})
+    ds = ds.map_batches(write_labels, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
+                        fn_kwargs={"out": str(out)})
+    total = sum(len(s["response"]) for s in todo)
+    with tqdm(total=total, desc=f"step labels ({len(todo)} shards)", unit="resp",
+              disable=not cfg.progress) as bar:
+        for row in ds.iter_rows():
+            stats.append(row)
+            bar.update(row["responses"])
+            gen = sum(s["generate_seconds"] for s in stats)
+            bar.set_postfix(completions_s=f"{sum(s['completions'] for s in stats) / max(gen, 1e-9):.1f}")
+
+
+def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
+    """Label (or resume labelling) the steps of verified rollouts; returns the summary (also saved
+    as ``<out>/summary.json``).
+
+    ``sampler_cls`` replaces the vLLM stage (same constructor and call contract as
+    :class:`ShepherdSampler`); tests use it to push scripted completions through the real verify,
+    label and write stages.
+    """
+    t_start = time.time()
+    sampler_cls = sampler_cls or ShepherdSampler
+    rollouts, out = Path(cfg.rollouts), Path(cfg.out)
+    rmeta = _read_rollout_meta(rollouts)
+    settings = _settings(cfg, rollouts, rmeta)
+    _check_meta(out, settings)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    done = _finished(out)
+    if done is not None:
+        done["timing"] = _append_run(out, {
+            "started": started, "reused": True, "wall_seconds": time.time() - t_start, "plan_seconds": 0.0,
+            "generate_seconds": 0.0, "verify_seconds": 0.0, "engine_startup_seconds": 0.0,
+            "shards_done": 0, "shards_reused": done["shards"]["total"], "completions": 0, "generated_tokens": 0,
+            "engine_dtypes": []})
+        done["shards"].update(done_this_run=0, reused_this_run=done["shards"]["total"])
+        done["reused"] = True
+        (out / SUMMARY_FILE).write_text(json.dumps(done, indent=2))
+        return done
+
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    shards, plan = _plan(cfg, rollouts, settings)
+    plan_s = time.time() - t_start
+    (out / META_FILE).write_text(json.dumps({
+        "settings": settings, "config": to_dict(cfg), "rollouts": str(rollouts.resolve()),
+        "rollout_config": rmeta["config"], "schema": LABEL_SCHEMA.names, "plan": plan}, indent=2))
+    save_config(cfg, out / "config.yaml")
+    if not shards:
+        raise ValueError(f"no responses to label in {rollouts}: {plan['rows_in_rollouts']} rows, "
+                         f"skipped {json.dumps(plan['rows_skipped'])}")
+
+    todo = [s for s in shards if not shard_path(out, s["shard_id"]).exists()]
+    stats: list[dict] = []
+    t0 = time.time()
+
+    def record(**extra) -> dict:
+        return _append_run(out, {
+            "started": started, "reused": False, "wall_seconds": time.time() - t_start, "plan_seconds": plan_s,
+            "generate_seconds": sum(s["generate_seconds"] for s in stats),
+            "verify_seconds": sum(s["verify_seconds"] for s in stats),
+            "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
+            "pipeline_seconds": time.time() - t0 if todo else 0.0,
+            "shards_done": len(stats), "shards_reused": len(shards) - len(todo),
+            "completions": sum(s["completions"] for s in stats),
+            "generated_tokens": sum(s["generated_tokens"] for s in stats),
+            "engine_dtypes": sorted({s["engine_dtype"] for s in stats}), **extra,
+        })
+
+    if todo:
+        try:
+            _run_pipeline(cfg, settings, rmeta, out, todo, sampler_cls, stats)
+        except BaseException as exc:  # a failed run's seconds still count towards the totals
+            record(failed=_root_cause(exc)[:500])
+            raise
+
+    summary = summarize_labels(out)
+    summary.update(
+        rows_in_rollouts=plan["rows_in_rollouts"], rows_skipped=plan["rows_skipped"],
+        model=settings["model"], completions_per_step=cfg.completions_per_step,
+        temperature=settings["sampling"]["temperature"], max_tokens=settings["sampling"]["max_tokens"],
+        context_length=settings["sampling"]["context_length"],
+        shards={"total": len(shards), "done_this_run": len(stats), "reused_this_run": len(shards) - len(todo)},
+    )
+    summary["complete"] = summary["rows_labelled"] == plan["rows_to_label"]
+    summary["timing"] = record()
+    summary["reused"] = False
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize_labels(out: str | Path) -> dict:
+    """Label statistics recounted from the Parquet shards (streamed column-wise)."""
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(str(Path(out) / "data"), format="parquet")
+    rows = steps = boundaries = completions = correct_responses = unverifiable = 0
+    prompt_tok = gen_tok = 0
+    hard = soft = 0.0
+    hard_b = soft_b = 0.0
+    instructions: set[str] = set()
+    columns = ["instruction_id", "correct", "step_completions", "step_labels_hard", "step_labels_soft",
+               "completion_prompt_tokens", "completion_generated_tokens", "completions_unverifiable"]
+    for batch in dataset.to_batches(columns=columns):
+        c = batch.to_pydict()
+        rows += batch.num_rows
+        instructions.update(c["instruction_id"])
+        correct_responses += sum(bool(x) for x in c["correct"])
+        for comp, h, s in zip(c["step_completions"], c["step_labels_hard"], c["step_labels_soft"]):
+            steps += len(comp)
+            boundaries += len(comp) - 1
+            completions += sum(comp[:-1])
+            hard += sum(h)
+            soft += sum(s)
+            hard_b += sum(h[:-1])
+            soft_b += sum(s[:-1])
+        prompt_tok += sum(c["completion_prompt_tokens"])
+        gen_tok += sum(c["completion_generated_tokens"])
+        unverifiable += sum(c["completions_unverifiable"])
+    return {
+        "rows_labelled": rows,
+        "instructions": len(instructions),
+        "correct_responses": correct_responses,
+        "steps": steps,
+        "boundaries_sampled": boundaries,
+        "completions": completions,
+        "completion_prompt_tokens": prompt_tok,
+        "completion_generated_tokens": gen_tok,
+        "completions_unverifiable": unverifiable,
+        "positive_fraction_hard": hard / steps if steps else None,
+        "mean_soft_label": soft / steps if steps else None,
+        # The same over the sampled boundaries only (the last step is the outcome label).
+        "boundary_positive_fraction_hard": hard_b / boundaries if boundaries else None,
+        "boundary_mean_soft_label": soft_b / boundaries if boundaries else None,
+    }
