@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu
 POLICY ?= artifacts/policy
 
-.PHONY: install test demo policy clean-venv
+.PHONY: install test demo baselines policy clean-venv
 
 install: $(STAMP)
 
@@ -23,7 +23,10 @@ test: $(STAMP)
 # token (~/.ray/auth_token); the job CLI only sends it with RAY_AUTH_MODE=token. The check asks
 # the job server itself: `ray status` also succeeds for a local cluster started by `ray.init()` (a
 # test or a benchmark), which has no job server to submit to.
+# JOB: any study in jobs/ (scale_responses, scale_instructions, compare_objectives, compare_baselines).
 DEMO_ARGS ?=
+JOB ?= scale_responses
+RUNS ?= $(CURDIR)/runs
 demo: $(STAMP)
 	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token; started=0; \
 	ray get-auth-token --generate >/dev/null || exit 1; \
@@ -31,10 +34,14 @@ demo: $(STAMP)
 	  echo "starting a local Ray head (ray stop to stop it)"; \
 	  ray start --head --disable-usage-stats >/dev/null && started=1 || exit 1; \
 	fi; \
-	ray job submit --working-dir . -- python jobs/scale_responses.py \
-	  --runs_dir "$(CURDIR)/runs" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
+	ray job submit --working-dir . -- python jobs/$(JOB).py \
+	  --runs_dir "$(RUNS)" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
 	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; \
-	if [ $$rc = 0 ]; then echo "report: $(CURDIR)/runs/scale_responses/report.md"; fi; exit $$rc
+	if [ $$rc = 0 ]; then echo "report: $(RUNS)/$(JOB)/report.md"; fi; exit $$rc
+
+# The implicit PRM against Math-Shepherd, with compute (docs/baselines.md).
+baselines:
+	$(MAKE) demo JOB=compare_baselines
 
 # Retrain the default policy from scratch (about 15-20 minutes on 2 cores).
 policy: $(STAMP)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 FORWARD_FLOPS_PER_PARAM_TOKEN = 2.0
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6.0
 
-__all__ = ["FORWARD_FLOPS_PER_PARAM_TOKEN", "TRAIN_FLOPS_PER_PARAM_TOKEN", "count_parameters",
+__all__ = ["FORWARD_FLOPS_PER_PARAM_TOKEN", "TRAIN_FLOPS_PER_PARAM_TOKEN", "RolloutTokens", "count_parameters",
+           "cpu_seconds", "generation_compute",
            "forward_flops", "measure", "prompt_token_counts", "stage", "total_flops", "train_flops"]
 
 
@@ -62,6 +64,46 @@ def prompt_token_counts(tokenizer, prompts: list[str]) -> list[int]:
     return [cache[p] for p in prompts]
 
 
+class RolloutTokens:
+    """Per-response token counts of a rollout set, for charging each PRM the responses it uses.
+
+    ``prompt`` tokens are the chat-rendered prompt as the policy saw it; ``generated`` tokens are
+    ``num_tokens`` (EOS included when produced)."""
+
+    def __init__(self, data: Path, policy: str) -> None:
+        from transformers import AutoTokenizer
+
+        from prm_ray.datasets import load_rollouts
+
+        self.table = load_rollouts(data, columns=["instruction_id", "sample_index", "verify_status", "prompt",
+                                                  "num_tokens"])
+        self.prompt = prompt_token_counts(AutoTokenizer.from_pretrained(policy), self.table.column("prompt").to_pylist())
+        self.generated = self.table.column("num_tokens").to_pylist()
+        self.keys = list(zip(self.table.column("instruction_id").to_pylist(),
+                             self.table.column("sample_index").to_pylist()))
+        self.prompt_total = sum(self.prompt)
+
+    def rows_for(self, dataset_cfg) -> list[int]:
+        from prm_ray.datasets import selected_rows
+
+        return selected_rows(self.table, dataset_cfg)
+
+    def rows_with_keys(self, keys: set) -> list[int]:
+        return [i for i, k in enumerate(self.keys) if k in keys]
+
+    def count(self, rows: list[int]) -> tuple[int, int]:
+        return sum(self.prompt[i] for i in rows), sum(self.generated[i] for i in rows)
+
+
+def generation_compute(data: Path, model: str) -> dict:
+    """The compute of sampling a rollout set: ``2 * params * (prompt + generated tokens)``."""
+    tokens = RolloutTokens(data, model)
+    params = count_parameters(model)
+    generated = sum(tokens.generated)
+    return {"params": params, "prompt_tokens": tokens.prompt_total, "generated_tokens": generated,
+            "flops": forward_flops(params, tokens.prompt_total + generated)}
+
+
 def stage(flops: float, *, wall_s: float | None = None, cpu_s: float | None = None, **counts) -> dict:
     """One stage's entry in a ``compute`` object: FLOPs, measured seconds (None: not measured,
     e.g. produced by an older run that did not record them) and its token or row counts."""
@@ -72,7 +114,8 @@ def total_flops(stages: dict[str, dict]) -> float:
     return float(sum(s["flops"] for s in stages.values()))
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """The machine's user + system CPU seconds so far (see :func:`measure` for what that covers)."""
     import psutil
 
     t = psutil.cpu_times()
@@ -89,9 +132,9 @@ def measure() -> Iterator[dict]:
     node only, so it is reported for local runs and should be read as an upper bound.
     """
     out: dict = {}
-    t0, c0 = time.time(), _cpu_seconds()
+    t0, c0 = time.time(), cpu_seconds()
     try:
         yield out
     finally:
         out["wall_s"] = time.time() - t0
-        out["cpu_s"] = _cpu_seconds() - c0
+        out["cpu_s"] = cpu_seconds() - c0

@@ -60,10 +60,11 @@ def markdown(report: dict) -> str:
             lines.append(f"- **{r['name']}**: not defined: {r['reason']}")
             continue
         m = r["metrics"]
+        cost = f"; build cost {_pf(r['compute']['build_flops'])} PFLOP" if r.get("compute") else ""
         lines.append(f"- **{r['name']}**: best-of-{n} {_pct(m[f'bon@{n}'])} "
                      f"({100 * (m[f'bon@{n}'] - base['pass@1']):+.1f} vs pass@1, "
                      f"{100 * (m[f'bon@{n}'] - base[f'majority@{n}']):+.1f} vs majority@{n}); "
-                     f"weighted voting@{n} {_pct(m[f'weighted_mv@{n}'])}")
+                     f"weighted voting@{n} {_pct(m[f'weighted_mv@{n}'])}{cost}")
     lines += ["", "## Best-of-N (rows: reward model; columns: N)", ""]
     lines += _table(report, "bon", ns)
     lik = report.get("baseline_likelihood")

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prm_ray.compute import measure
+from prm_ray.compute import generation_compute, measure
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.tasks import Instruction, get_task
 from prm_ray.tasks.arith import ArithConfig
@@ -357,6 +357,32 @@ def init_ray(address: str | None = None) -> None:
              logging_level="WARNING")
 
 
+def stream_shards(todo: list[dict], stats: list[dict], *, out: Path, engine: EngineConfig, verifier: VerifierConfig,
+                  sampler_cls: type, sampler_kwargs: dict, verifier_cls: type, verifier_kwargs: dict, writer,
+                  total: int, desc: str, progress: bool, rate) -> list[dict]:
+    """The shard pipeline of rollouts and of step labels: sampler actors (vLLM, GPUs or CPUs) ->
+    verifier actors -> a per-shard atomic writer. The driver only sees each shard's stats, which
+    are appended to ``stats`` as they arrive (so a caller still has them if the pipeline fails)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    engine_args: dict[str, Any] = {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus}
+    if engine.accelerator_type:
+        engine_args["accelerator_type"] = engine.accelerator_type
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.map_batches(sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=engine.replicas,
+                        fn_constructor_kwargs=sampler_kwargs, **engine_args)
+    ds = ds.map_batches(verifier_cls, batch_size=1, batch_format="pyarrow", concurrency=verifier.replicas,
+                        num_cpus=verifier.num_cpus, fn_constructor_kwargs=verifier_kwargs)
+    ds = ds.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=0.1, fn_kwargs={"out": str(out)})
+    with tqdm(total=total, desc=desc, unit="resp", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            stats.append(row)
+            bar.update(row["responses"])
+            bar.set_postfix(rate(stats))
+    return stats
+
+
 def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     """Run (or resume) a rollout job; returns the summary (also saved as summary.json).
 
@@ -364,9 +390,6 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     push scripted responses through the real verifier and writer stages.
     """
     sampler_cls = sampler_cls or VLLMSampler
-    import ray
-    from tqdm.auto import tqdm
-
     out = Path(cfg.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     task = make_task(cfg)
@@ -389,29 +412,14 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     with measure() as clock:
         if todo:
             init_ray(cfg.ray_address)
-            e, v = cfg.engine, cfg.verifier
-            engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
-            if e.accelerator_type:
-                engine_args["accelerator_type"] = e.accelerator_type
-            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-            ds = ds.map_batches(
-                sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
-                fn_constructor_kwargs={"model": cfg.model, "engine": vars(e), "sampling": vars(cfg.sampling),
-                                       "temperature": temperature},
-                **engine_args,
-            )
-            ds = ds.map_batches(Verifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
-                                num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": to_dict(cfg)})
-            ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
-                                fn_kwargs={"out": str(out)})
-            total = sum(len(s["instruction_id"]) for s in todo) * cfg.sampling.n
-            with tqdm(total=total, desc=f"rollouts ({len(todo)} shards)", unit="resp",
-                      disable=not cfg.progress) as bar:
-                for row in ds.iter_rows():
-                    stats.append(row)
-                    bar.update(row["responses"])
-                    gen = sum(s["generate_seconds"] for s in stats)
-                    bar.set_postfix(tok_s=f"{sum(s['generated_tokens'] for s in stats) / max(gen, 1e-9):.0f}")
+            stream_shards(
+                todo, stats, out=out, engine=cfg.engine, verifier=cfg.verifier, sampler_cls=sampler_cls,
+                sampler_kwargs={"model": cfg.model, "engine": vars(cfg.engine), "sampling": vars(cfg.sampling),
+                                "temperature": temperature},
+                verifier_cls=Verifier, verifier_kwargs={"cfg": to_dict(cfg)}, writer=write_shard,
+                total=sum(len(s["instruction_id"]) for s in todo) * cfg.sampling.n,
+                desc=f"rollouts ({len(todo)} shards)", progress=cfg.progress,
+                rate=lambda st: {"tok_s": f"{sum(s['generated_tokens'] for s in st) / max(sum(s['generate_seconds'] for s in st), 1e-9):.0f}"})
     summary = summarize(out, skipped_rows=len(skipped))
     gen_s = sum(s["generate_seconds"] for s in stats)
     summary["this_run"] = {
@@ -435,6 +443,7 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     summary["all_runs"] = {"runs": len(runs), **{k: sum(r.get(k) or 0.0 for r in runs) for k in (
         "wall_seconds", "cpu_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
         "generated_tokens")}} if runs else None
+    summary["compute"] = generation_compute(out, cfg.model)  # FLOPs of the whole set (prm_ray/compute.py)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prm_ray.compute import count_parameters, cpu_seconds, forward_flops
 from prm_ray.config import ConfigError, from_dict, save_config, to_dict
 from prm_ray.rollout import (
     SCHEMA,
@@ -46,6 +47,7 @@ from prm_ray.rollout import (
     make_task,
     sample_seed,
     shard_path,
+    stream_shards,
 )
 
 __all__ = ["LABEL_SCHEMA", "ShepherdConfig", "ShepherdSampler", "ShepherdSamplingConfig",
@@ -438,7 +440,7 @@ def _append_run(out: Path, record: dict) -> dict:
         fh.write(json.dumps(record) + "\n")
     runs = [json.loads(line) for line in (out / RUNS_FILE).read_text().splitlines() if line.strip()]
     total = {k: sum(r.get(k, 0) for r in runs) for k in
-             ("wall_seconds", "plan_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
+             ("wall_seconds", "cpu_seconds", "plan_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
               "shards_done", "completions", "generated_tokens")}
     return {"this_run": record, "total": total, "runs": len(runs)}
 
@@ -474,34 +476,16 @@ def _finished(out: Path) -> dict | None:
 def _run_pipeline(cfg: ShepherdConfig, settings: dict, rmeta: dict, out: Path, todo: list[dict],
                   sampler_cls: type, stats: list[dict]) -> None:
     """Sampler -> verifier -> writer over the shards still to do; appends each shard's stats."""
-    import ray
-    from tqdm.auto import tqdm
-
     init_ray(cfg.ray_address)
-    e, v = cfg.engine, cfg.verifier
-    engine_args: dict[str, Any] = {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}
-    if e.accelerator_type:
-        engine_args["accelerator_type"] = e.accelerator_type
-    rcfg = dict(rmeta["config"], verifier=to_dict(cfg.verifier))  # the rollouts' task, our pool
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        sampler_cls, batch_size=1, batch_format="pyarrow", concurrency=e.replicas,
-        fn_constructor_kwargs={"model": settings["model"], "engine": vars(e), "sampling": settings["sampling"],
-                               "completions_per_step": cfg.completions_per_step},
-        **engine_args,
-    )
-    ds = ds.map_batches(ShepherdVerifier, batch_size=1, batch_format="pyarrow", concurrency=v.replicas,
-                        num_cpus=v.num_cpus, fn_constructor_kwargs={"cfg": rcfg})
-    ds = ds.map_batches(write_labels, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
-                        fn_kwargs={"out": str(out)})
-    total = sum(len(s["response"]) for s in todo)
-    with tqdm(total=total, desc=f"step labels ({len(todo)} shards)", unit="resp",
-              disable=not cfg.progress) as bar:
-        for row in ds.iter_rows():
-            stats.append(row)
-            bar.update(row["responses"])
-            gen = sum(s["generate_seconds"] for s in stats)
-            bar.set_postfix(completions_s=f"{sum(s['completions'] for s in stats) / max(gen, 1e-9):.1f}")
+    stream_shards(
+        todo, stats, out=out, engine=cfg.engine, verifier=cfg.verifier, sampler_cls=sampler_cls,
+        sampler_kwargs={"model": settings["model"], "engine": vars(cfg.engine), "sampling": settings["sampling"],
+                        "completions_per_step": cfg.completions_per_step},
+        verifier_cls=ShepherdVerifier,
+        verifier_kwargs={"cfg": dict(rmeta["config"], verifier=to_dict(cfg.verifier))},  # the rollouts' task, our pool
+        writer=write_labels, total=sum(len(s["response"]) for s in todo),
+        desc=f"step labels ({len(todo)} shards)", progress=cfg.progress,
+        rate=lambda st: {"completions_s": f"{sum(s['completions'] for s in st) / max(sum(s['generate_seconds'] for s in st), 1e-9):.1f}"})
 
 
 def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
@@ -512,7 +496,7 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
     :class:`ShepherdSampler`); tests use it to push scripted completions through the real verify,
     label and write stages.
     """
-    t_start = time.time()
+    t_start, cpu_start = time.time(), cpu_seconds()
     sampler_cls = sampler_cls or ShepherdSampler
     rollouts, out = Path(cfg.rollouts), Path(cfg.out)
     rmeta = _read_rollout_meta(rollouts)
@@ -523,7 +507,8 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
     done = _finished(out)
     if done is not None:
         done["timing"] = _append_run(out, {
-            "started": started, "reused": True, "wall_seconds": time.time() - t_start, "plan_seconds": 0.0,
+            "started": started, "reused": True, "wall_seconds": time.time() - t_start,
+            "cpu_seconds": cpu_seconds() - cpu_start, "plan_seconds": 0.0,
             "generate_seconds": 0.0, "verify_seconds": 0.0, "engine_startup_seconds": 0.0,
             "shards_done": 0, "shards_reused": done["shards"]["total"], "completions": 0, "generated_tokens": 0,
             "engine_dtypes": []})
@@ -549,7 +534,8 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
 
     def record(**extra) -> dict:
         return _append_run(out, {
-            "started": started, "reused": False, "wall_seconds": time.time() - t_start, "plan_seconds": plan_s,
+            "started": started, "reused": False, "wall_seconds": time.time() - t_start,
+            "cpu_seconds": cpu_seconds() - cpu_start, "plan_seconds": plan_s,
             "generate_seconds": sum(s["generate_seconds"] for s in stats),
             "verify_seconds": sum(s["verify_seconds"] for s in stats),
             "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
@@ -576,6 +562,10 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
         shards={"total": len(shards), "done_this_run": len(stats), "reused_this_run": len(shards) - len(todo)},
     )
     summary["complete"] = summary["rows_labelled"] == plan["rows_to_label"]
+    params = count_parameters(settings["model"])
+    completion_tokens = summary["completion_prompt_tokens"] + summary["completion_generated_tokens"]
+    summary["compute"] = {"params": params, "completion_tokens": completion_tokens,
+                          "flops": forward_flops(params, completion_tokens)}  # prm_ray/compute.py
     summary["timing"] = record()
     summary["reused"] = False
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

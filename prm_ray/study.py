@@ -21,10 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from prm_ray.bootstrap import BootstrapConfig
-from prm_ray.compute import count_parameters, forward_flops, measure, stage, total_flops, train_flops
+from prm_ray.compute import (
+    RolloutTokens,
+    count_parameters,
+    forward_flops,
+    measure,
+    stage,
+    total_flops,
+    train_flops,
+)
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
-from prm_ray.rollout import RolloutConfig, SamplingConfig
+from prm_ray.rollout import EngineConfig, RolloutConfig, SamplingConfig, VerifierConfig
+from prm_ray.shepherd import ShepherdConfig
 from prm_ray.losses import get_objective
 from prm_ray.train import TRAIN_REF_DTYPE, TrainConfig
 
@@ -151,7 +160,7 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | 
     return tc
 
 
-def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log) -> tuple[Path, dict, "RolloutTokens"]:
+def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log) -> tuple[Path, dict, RolloutTokens]:
     from prm_ray.rollout import run_rollouts
 
     rc = copy.deepcopy(rc)
@@ -171,38 +180,6 @@ def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int,
               "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
               "verify_status": summary["verify_status"], "all_runs": summary.get("all_runs")}
     return out, stage_, tokens
-
-
-class RolloutTokens:
-    """Per-response token counts of a rollout set, for charging each PRM the responses it uses.
-
-    ``prompt`` tokens are the chat-rendered prompt as the policy saw it; ``generated`` tokens are
-    ``num_tokens`` (EOS included when produced)."""
-
-    def __init__(self, data: Path, policy: str) -> None:
-        from transformers import AutoTokenizer
-
-        from prm_ray.compute import prompt_token_counts
-        from prm_ray.datasets import load_rollouts
-
-        self.table = load_rollouts(data, columns=["instruction_id", "sample_index", "verify_status", "prompt",
-                                                  "num_tokens"])
-        self.prompt = prompt_token_counts(AutoTokenizer.from_pretrained(policy), self.table.column("prompt").to_pylist())
-        self.generated = self.table.column("num_tokens").to_pylist()
-        self.keys = list(zip(self.table.column("instruction_id").to_pylist(),
-                             self.table.column("sample_index").to_pylist()))
-        self.prompt_total = sum(self.prompt)
-
-    def rows_for(self, dataset_cfg) -> list[int]:
-        from prm_ray.datasets import selected_rows
-
-        return selected_rows(self.table, dataset_cfg)
-
-    def rows_with_keys(self, keys: set) -> list[int]:
-        return [i for i, k in enumerate(self.keys) if k in keys]
-
-    def count(self, rows: list[int]) -> tuple[int, int]:
-        return sum(self.prompt[i] for i in rows), sum(self.generated[i] for i in rows)
 
 
 def _train_tokens(report: dict, out: Path) -> float:
@@ -369,6 +346,12 @@ def _shepherd_stage(cfg: StudyConfig, train_data: Path, params: int, log) -> tup
 
     sc = copy.deepcopy(cfg.shepherd)
     sc.rollouts, sc.model = str(train_data), cfg.policy
+    # Left at their defaults, the completions run on the training rollouts' engine and verifier
+    # pools: the same policy sampling the same kind of text (on a cluster: the GPU nodes).
+    if sc.engine == EngineConfig():
+        sc.engine = copy.deepcopy(cfg.train_rollouts.engine)
+    if sc.verifier == VerifierConfig():
+        sc.verifier = copy.deepcopy(cfg.train_rollouts.verifier)
     sc.ray_address = cfg.ray_address or sc.ray_address
     key = to_dict(sc)
     for name in ("out", "progress"):
@@ -573,9 +556,7 @@ def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
     return specs
 
 
-def _shepherd():
-    from prm_ray.shepherd import ShepherdConfig
-
+def _shepherd() -> ShepherdConfig:
     # K = 8 completions per step as in the paper. 2 of the 8 responses per instruction: labelling
     # samples about 8 completions x 3.5 boundaries x 48 tokens per response, ~14x the response
     # itself, so all 8000 default responses would take about an hour on 2 CPU cores; 2000 take ~15 min.
@@ -590,18 +571,12 @@ class CompareBaselinesConfig(StudyConfig):
     objectives: list[str] = field(default_factory=lambda: ["ce", "dpo"])  # implicit PRMs
     responses: list[int] = field(default_factory=lambda: [2, 8])  # their responses per instruction
     shepherd_labels: list[str] = field(default_factory=lambda: ["hard", "soft"])
-    shepherd: Any = field(default_factory=_shepherd)  # prm_ray.shepherd.ShepherdConfig
+    # The study sets `rollouts`, `model` and `out`. `engine` and `verifier` left at their defaults
+    # mean the training rollouts' pools.
+    shepherd: ShepherdConfig = field(default_factory=_shepherd)
 
     def __post_init__(self) -> None:
-        from prm_ray.shepherd import ShepherdConfig
-
         super().__post_init__()
-        if isinstance(self.shepherd, dict):  # from YAML / CLI
-            from prm_ray.config import from_dict
-
-            base = to_dict(_shepherd())
-            base.update(self.shepherd)
-            self.shepherd = from_dict(ShepherdConfig, base)
         bad = [o for o in self.objectives if o not in ("ce", "dpo", "kto", "nca")]
         if bad:
             raise ConfigError(f"objectives: {bad} are not implicit-PRM objectives (ce, dpo, kto, nca)")

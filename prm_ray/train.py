@@ -671,8 +671,14 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     plot_metrics(history, out / "training_curves.png",
                  title=cfg.dataset.objective if explicit else f"{cfg.dataset.objective} (beta {cfg.beta})",
                  explicit=explicit)
+    from prm_ray.compute import count_parameters, train_flops
+
+    params = count_parameters(cfg.model)
+    trained_tokens = sum(h["tokens"] for h in {h["step"]: h for h in history}.values())  # a restart logs steps twice
     report = {
         "status": "finished", "config": to_dict(cfg), "steps": total_steps, "examples": examples.num_rows,
+        "compute": {"params": params, "trained_tokens": trained_tokens, "flops": train_flops(params, trained_tokens),
+                    "reference_sequences_scored": ref_counts["scored"]},
         "dataset": data_report, "timings": timings, "reference_pass": ref_counts, "final_metrics": history[-1] if history else None,
         "restarts": _restarts(history),
         "attempts": [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()],

@@ -64,3 +64,17 @@ def tiny_trained_policy(tmp_path_factory):
         eval=EvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
     )
     return cfg, bootstrap(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
+    """Real rollouts of the tiny trained policy (6 validation instructions x 4, 3 shards), made
+    once: a vLLM engine start costs ~30 s here. Returns (out dir, summary). Do not write into it."""
+    from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts
+    from prm_ray.tasks.arith import ArithConfig
+
+    out = tmp_path_factory.mktemp("rollouts") / "clean"
+    cfg = RolloutConfig(model=tiny_trained_policy[0].out, out=str(out), task="arith", split="validation", limit=6,
+                        shard_size=2, sampling=SamplingConfig(n=4, max_tokens=48), arith=ArithConfig(**TINY_ARITH),
+                        progress=False)
+    return out, run_rollouts(cfg)

@@ -1,6 +1,5 @@
 """FLOPs accounting: the formulas on a model whose parameter count is known by hand."""
 
-import pytest
 import torch
 from transformers import LlamaForCausalLM
 

@@ -19,7 +19,7 @@ def test_shipped_config_is_valid(name, cls):
 
 
 def test_shipped_study_config_is_valid():
-    from prm_ray.study import CompareObjectivesConfig, ScaleResponsesConfig
+    from prm_ray.study import CompareBaselinesConfig, CompareObjectivesConfig, ScaleResponsesConfig
 
     data = load_yaml(CONFIGS / "llama3-8b-math.yaml")
     cfg = from_dict(ScaleResponsesConfig, data)
@@ -27,3 +27,4 @@ def test_shipped_study_config_is_valid():
     assert cfg.test_rollouts.task == "math" and cfg.test_rollouts.sampling.n == 64
     assert cfg.train.strategy == "fsdp" and cfg.eval.num_gpus == 1
     from_dict(CompareObjectivesConfig, data)
+    assert from_dict(CompareBaselinesConfig, data).shepherd.completions_per_step == 8

@@ -27,9 +27,9 @@ def _read(out) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def clean_run(tiny_trained_policy, ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rollouts") / "clean"
-    summary = run_rollouts(_cfg(tiny_trained_policy[0].out, out))
+def clean_run(tiny_rollouts, tiny_trained_policy):
+    out, summary = tiny_rollouts  # made with _cfg's settings (conftest)
+    assert summary["this_run"]["shards_done"] == 3
     return out, summary
 
 

@@ -16,7 +16,7 @@ from conftest import TINY_ARITH
 from prm_ray.config import ConfigError, from_dict, to_dict
 from prm_ray.policy import render_prompt
 from prm_ray.prm import encode_pair
-from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, run_rollouts, sample_seed
+from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, sample_seed
 from prm_ray.shepherd import (
     LABEL_SCHEMA,
     ShepherdConfig,
@@ -308,16 +308,13 @@ def test_cli_loads_the_config(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shepherd_rollouts") / "r"
-    run_rollouts(RolloutConfig(model=tiny_trained_policy[0].out, out=str(out), task="arith", split="validation",
-                               limit=3, shard_size=3, sampling=SamplingConfig(n=2, max_tokens=48),
-                               arith=ArithConfig(**TINY_ARITH), progress=False))
-    return out
+def real_rollouts(tiny_rollouts):
+    return tiny_rollouts[0]  # 6 instructions x 4 (conftest); the labels take the first of each
 
 
 def _real_cfg(rollouts, out, **kw):
-    base = dict(rollouts=str(rollouts), out=str(out), completions_per_step=2, shard_size=2, progress=False)
+    base = dict(rollouts=str(rollouts), out=str(out), completions_per_step=2, shard_size=2, progress=False,
+                responses_per_instruction=1)
     base.update(kw)
     return ShepherdConfig(**base)
 
@@ -361,10 +358,10 @@ def test_real_completions_continue_the_prefix_and_are_verified_with_it(real_run,
 
     out, summary, records = real_run
     tok = AutoTokenizer.from_pretrained(tiny_trained_policy[0].out)
-    rollout_rows = pq.read_table(real_rollouts / "data").to_pylist()
+    rollout_rows = [r for r in pq.read_table(real_rollouts / "data").to_pylist() if r["sample_index"] == 0]
     rows = _keyed(_read(out))
     assert summary["rows_labelled"] == len(rows) == len(rollout_rows) == 6
-    assert sum(summary["rows_skipped"].values()) == 0
+    assert summary["rows_skipped"]["beyond_first_k"] == 18 and sum(summary["rows_skipped"].values()) == 18
     task = ArithTask(ArithConfig(**TINY_ARITH))
     by_boundary = defaultdict(list)
     for q in records:
