@@ -91,6 +91,10 @@ class EngineConfig:
     # engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU). vLLM reserves 1, which on a 2-core
     # machine runs the model single-threaded; 0 measured 1.19x faster here. None: vLLM's default.
     cpu_reserved_cpus: int | None = 0
+    # None: on for GPU engines, off for CPU engines (vLLM 0.32 CPU crashes on chunked prefills of
+    # seeded requests; see llm_kwargs). Off needs max_num_batched_tokens >= the context length.
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None  # None: vLLM's default
 
 
 @dataclass
@@ -188,6 +192,25 @@ def resolve_dtype(dtype: str, num_gpus: float) -> str:
     return "bfloat16" if num_gpus > 0 or cpu_has_native_bf16() else "float32"
 
 
+def llm_kwargs(model: str, engine: dict, seed: int) -> dict:
+    """``vllm.LLM`` arguments for an ``EngineConfig`` (as a dict)."""
+    chunked = engine.get("enable_chunked_prefill")
+    if chunked is None:
+        # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a prompt's
+        # prefill is split across steps and its request has a seed: it rewinds the request's
+        # generator, which CPU generators cannot do. Every request here has a seed, and a batch of
+        # many prompts (step-label completions: prompt + prefix) does get split. GPUs are fine.
+        chunked = engine["num_gpus"] > 0
+    kwargs = dict(model=model, dtype=resolve_dtype(engine["dtype"], engine["num_gpus"]),
+                  enforce_eager=engine["enforce_eager"], tensor_parallel_size=engine["tensor_parallel_size"],
+                  max_model_len=engine["max_model_len"], enable_prefix_caching=engine["enable_prefix_caching"],
+                  gpu_memory_utilization=engine["gpu_memory_utilization"], max_num_seqs=engine["max_num_seqs"],
+                  enable_chunked_prefill=chunked, seed=seed)
+    if engine.get("max_num_batched_tokens"):
+        kwargs["max_num_batched_tokens"] = engine["max_num_batched_tokens"]
+    return kwargs
+
+
 class VLLMSampler:
     """A vLLM engine in a Ray actor; samples `n` responses per instruction of a shard."""
 
@@ -204,13 +227,7 @@ class VLLMSampler:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         dtype = resolve_dtype(engine["dtype"], engine["num_gpus"])
         t0 = time.time()
-        self.llm = LLM(
-            model=model, dtype=dtype, enforce_eager=engine["enforce_eager"],
-            tensor_parallel_size=engine["tensor_parallel_size"],
-            max_model_len=engine["max_model_len"], enable_prefix_caching=engine["enable_prefix_caching"],
-            gpu_memory_utilization=engine["gpu_memory_utilization"], max_num_seqs=engine["max_num_seqs"],
-            seed=sampling["seed"],
-        )
+        self.llm = LLM(**llm_kwargs(model, engine, seed=sampling["seed"]))
         self.startup_s = time.time() - t0
         self.dtype = dtype
         from transformers import AutoConfig

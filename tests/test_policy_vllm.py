@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm import LLM, SamplingParams
 
 from prm_ray.policy import render_prompt
+from prm_ray.rollout import EngineConfig, llm_kwargs
 from prm_ray.reward import response_logprobs
 
 
@@ -17,8 +18,8 @@ def vllm_tiny_policy(tiny_policy_path):
     """One in-process vLLM engine for this module, shut down afterwards: an idle engine keeps
     polling and would take CPU from the (niced) Ray workers of later tests."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = LLM(model=tiny_policy_path, dtype="float32", enforce_eager=True, max_model_len=256,
-              seed=0, max_num_seqs=64)
+    engine = {**vars(EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=64))}
+    llm = LLM(**llm_kwargs(tiny_policy_path, engine, seed=0))  # what the rollout actors build
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -53,3 +54,15 @@ def test_vllm_samples_n_responses_that_decode_with_our_tokenizer(tiny_policy_pat
         assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
     again = vllm_tiny_policy.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
     assert [o.text for o in again] == [o.text for o in outs]  # seeded sampling is reproducible
+
+
+def test_many_seeded_requests_with_long_prompts_do_not_crash_the_cpu_engine(vllm_tiny_policy):
+    """A batch whose prompts overflow a scheduler step splits a prefill; with per-request seeds that
+    crashed vLLM's CPU runner until chunked prefill was turned off for CPU engines (llm_kwargs).
+    Step-label completions (prompt + prefix, all seeded) are such a batch."""
+    reqs = [{"prompt_token_ids": [1] + [5 + (i * 7 + j) % 80 for j in range(200)]} for i in range(200)]
+    params = [SamplingParams(n=1, temperature=1.0, max_tokens=4, seed=i) for i in range(200)]
+    outs = vllm_tiny_policy.generate(reqs, params, use_tqdm=False)
+    assert len(outs) == 200 and all(o.outputs[0].token_ids for o in outs)
+    again = vllm_tiny_policy.generate(reqs[:5], params[:5], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:5]]
