@@ -115,18 +115,19 @@ def total_flops(stages: dict[str, dict]) -> float:
 
 
 def cpu_seconds() -> float:
-    """The machine's user + system CPU seconds so far (see :func:`measure` for what that covers)."""
+    """The machine's user + nice + system CPU seconds so far (see :func:`measure` for what that covers)."""
     import psutil
 
     t = psutil.cpu_times()
-    return float(t.user + t.system)
+    # Ray runs its workers niced, and the kernel books niced CPU time as `nice`, not `user`.
+    return float(t.user + t.nice + t.system)
 
 
 @contextmanager
 def measure() -> Iterator[dict]:
     """Wall time and CPU-seconds of the enclosed block: ``{"wall_s", "cpu_s"}``, filled on exit.
 
-    CPU-seconds are the whole machine's (user + system over all cores, from ``psutil``), because
+    CPU-seconds are the whole machine's (user + nice + system over all cores, from ``psutil``), because
     the work runs in Ray workers, not in this process. On a single-node cluster that is the job's
     CPU time plus anything else running on the machine; on a multi-node cluster it counts this
     node only, so it is reported for local runs and should be read as an upper bound.
