@@ -162,13 +162,18 @@ def checkpoint_beta(prm_path: str) -> float | None:
     return float(beta) if isinstance(beta, (int, float)) and beta > 0 else None
 
 
+def check_implicit(prm_path: str) -> None:
+    """The service serves implicit PRMs: the batcher's shared-prompt plan and the token rewards of
+    /score are implicit-PRM math. An explicit (step-labelled, Math-Shepherd) checkpoint is refused."""
+    card = Path(prm_path) / PRM_CARD
+    if card.is_file() and json.loads(card.read_text()).get("kind") == "explicit":
+        raise ConfigError(f"prm: {prm_path} is an explicit (step-labelled) PRM; the service serves implicit "
+                          "PRMs. Score it in process with prm_ray.prm.load_prm")
+
+
 def load_prm(cfg: ServeConfig) -> ImplicitPRM:
     """The PRM a replica serves: beta from the config, else the checkpoint's card, else 0.05."""
-    card = Path(cfg.prm) / PRM_CARD
-    if card.is_file() and json.loads(card.read_text()).get("kind") == "explicit":
-        # The batcher's shared-prompt plan and /score's token rewards are implicit-PRM math.
-        raise ConfigError(f"prm: {cfg.prm} is an explicit (step-labelled) PRM; the service serves implicit "
-                          "PRMs. Score it in process with prm_ray.prm.load_prm")
+    check_implicit(cfg.prm)
     beta = cfg.beta or checkpoint_beta(cfg.prm) or DEFAULT_BETA
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     return ImplicitPRM.from_pretrained(cfg.prm, ref_path=cfg.ref, beta=beta, step_separator=cfg.step_separator,
@@ -730,6 +735,7 @@ def _nest(args: dict[str, Any]) -> dict[str, Any]:
 
 def build_app(cfg: ServeConfig):
     """The Serve application for ``cfg``: the deployment with its replicas, resources and batch."""
+    check_implicit(cfg.prm)
     options: dict[str, Any] = {
         "name": "PRMScorer",
         "max_ongoing_requests": cfg.ongoing_requests,

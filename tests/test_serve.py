@@ -152,6 +152,9 @@ def test_config_errors_name_the_field(tmp_path, tiny_prm_path):
     assert checkpoint_beta(tiny_prm_path) is None
     (tmp_path / PRM_CARD).write_text(json.dumps({"beta": 0.1, "reference_model": None}))
     assert checkpoint_beta(str(tmp_path)) == 0.1
+    (tmp_path / PRM_CARD).write_text(json.dumps({"kind": "explicit", "objective": "math-shepherd-hard"}))
+    with pytest.raises(ConfigError, match="prm: .* explicit"):
+        app_builder({"prm": str(tmp_path)})
 
 
 # -- over HTTP -----------------------------------------------------------------------------------
