@@ -78,12 +78,15 @@ def markdown(report: dict) -> str:
     lines += ["", "![best-of-N](bon_vs_n.png)", "", "![scaling](scaling.png)", ""]
     lines += ["## Training data per reward model", "",
               "| reward model | objective | responses / instruction | instruction fraction | balance "
-              "| ref (train) | ref (inference) | examples | steps |", "|---|---|---|---|---|---|---|---|---|"]
+              "| ref (train) | ref (inference) | lr | epochs | examples | steps |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         t = r.get("train") or {}
+        tr = {**cfg["train"], **(r.get("train_overrides") or {})}
         lines.append(f"| {r['name']} | {r['objective']} | {r['responses_per_instruction']} | "
                      f"{r['instruction_fraction']} | {r['balance']} | {r['reference']} | "
-                     f"{r['reference_at_inference']} | {t.get('examples', '-')} | {t.get('steps', '-')} |")
+                     f"{r['reference_at_inference']} | {tr['lr']:g} | {tr['epochs']} | {t.get('examples', '-')} | "
+                     f"{t.get('steps', '-')} |")
     lines += _compute_section(report)
     lines += ["", "## Wall time and compute per stage", "",
               "Compute is estimated as 2 x parameters x tokens for generation and scoring, 6 x parameters "
@@ -141,7 +144,8 @@ def _compute_section(report: dict) -> list[str]:
         lines.append(f"- **{x['explicit']}** costs **{x['ratio']:.1f}x** the build FLOPs of **{x['implicit']}**.")
     if ratios:
         lines.append("")
-    present = [s for s in COMPUTE_STAGES if any(s in r["compute"]["stages"] for r in rows)]
+    # Verification runs no model (0 FLOPs): its seconds and counts are in report.json.
+    present = [s for s in COMPUTE_STAGES if "verification" not in s and any(s in r["compute"]["stages"] for r in rows)]
     lines.append(f"| reward model | best-of-{n} | " + " | ".join(f"{s} PFLOP" for s in present)
                  + " | build PFLOP | total PFLOP | build wall s | build CPU s |")
     lines.append("|---|---|" + "---|" * (len(present) + 4))

@@ -10,7 +10,10 @@ from conftest import TINY_ARITH
 
 from prm_ray.config import ConfigError, from_dict
 from prm_ray.study import (
+    CompareBaselinesConfig,
     CompareObjectivesConfig,
+    compare_baselines_specs,
+    train_config,
     ScaleResponsesConfig,
     compare_objectives_specs,
     scale_instructions_specs,
@@ -56,6 +59,16 @@ def test_grids():
     assert [(s.objective, s.balance) for s in cmp[:6]] == [("ce", "none"), ("ce", "dataset"), ("ce", "instruction"),
                                                            ("dpo", "none"), ("kto", "none"), ("nca", "none")]
     assert {(s.reference_train, s.reference_infer) for s in cmp[6:]} == {(True, True), (True, False), (False, True)}
+    base = compare_baselines_specs(from_dict(CompareBaselinesConfig, {"shepherd_lr": 1e-3}))
+    assert [s.name for s in base] == ["ce-k2", "ce-k8", "dpo-k2", "dpo-k8", "math-shepherd-hard", "math-shepherd-soft"]
+    assert [s.train_overrides for s in base] == [{}] * 4 + [{"lr": 1e-3, "epochs": 3}] * 2
+    assert [s.uses_reference(CompareBaselinesConfig()) for s in base[4:]] == [(False, False)] * 2
+    cfg = CompareBaselinesConfig()
+    ms, ce = train_config(cfg, base[4], Path("labels")), train_config(cfg, base[0], Path("rollouts"))
+    assert (ms.lr, ms.epochs, ce.lr, ce.epochs) == (1e-3, 3, cfg.train.lr, cfg.train.epochs) and ms.out != ce.out
+    base[0].train_overrides = {"dataset": {}}
+    with pytest.raises(ConfigError, match="train_overrides"):
+        train_config(cfg, base[0], Path("rollouts"))
 
 
 @pytest.fixture(scope="module")
