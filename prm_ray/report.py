@@ -82,10 +82,11 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         t = r.get("train") or {}
-        tr = {**cfg["train"], **(r.get("train_overrides") or {})}
+        tr = {**(cfg.get("train") or {}), **(r.get("train_overrides") or {})}
+        lr = "-" if tr.get("lr") is None else f"{tr['lr']:g}"
         lines.append(f"| {r['name']} | {r['objective']} | {r['responses_per_instruction']} | "
                      f"{r['instruction_fraction']} | {r['balance']} | {r['reference']} | "
-                     f"{r['reference_at_inference']} | {tr['lr']:g} | {tr['epochs']} | {t.get('examples', '-')} | "
+                     f"{r['reference_at_inference']} | {lr} | {tr.get('epochs', '-')} | {t.get('examples', '-')} | "
                      f"{t.get('steps', '-')} |")
     lines += _compute_section(report)
     lines += ["", "## Wall time and compute per stage", "",

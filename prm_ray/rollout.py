@@ -460,7 +460,10 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type = None) -> dict:
     summary["all_runs"] = {"runs": len(runs), **{k: sum(r.get(k) or 0.0 for r in runs) for k in (
         "wall_seconds", "cpu_seconds", "generate_seconds", "verify_seconds", "engine_startup_seconds",
         "generated_tokens")}} if runs else None
-    summary["compute"] = generation_compute(out, cfg.model)  # FLOPs of the whole set (prm_ray/compute.py)
+    try:  # FLOPs of the whole set (prm_ray/compute.py)
+        summary["compute"] = generation_compute(out, cfg.model)
+    except (OSError, ValueError) as exc:  # e.g. a scripted test sampler: no model to count with
+        summary["compute"] = {"error": f"cannot load {cfg.model!r} to count tokens and parameters: {exc}"}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -189,13 +189,16 @@ def _rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int,
 
 
 def _train_tokens(report: dict, out: Path) -> float:
-    """Tokens the PRM was trained on, from its metrics (sum over steps), for the compute estimate."""
+    """Tokens the PRM was trained on, for the compute estimate: from its training report, or from
+    its metrics for a PRM trained before reports carried them."""
+    if report.get("compute"):
+        return float(report["compute"]["trained_tokens"])
+    from prm_ray.train import trained_tokens
+
     path = out / "metrics.jsonl"
     if not path.exists():
         return float("nan")
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    by_step = {r["step"]: r for r in rows if "tokens" in r}
-    return float(sum(r["tokens"] for r in by_step.values()))
+    return trained_tokens([json.loads(x) for x in path.read_text().splitlines()])
 
 
 def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: str, log=print) -> dict:

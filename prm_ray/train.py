@@ -674,10 +674,10 @@ def train_prm(cfg: TrainConfig, progress: bool = True) -> dict:
     from prm_ray.compute import count_parameters, train_flops
 
     params = count_parameters(cfg.model)
-    trained_tokens = sum(h["tokens"] for h in {h["step"]: h for h in history}.values())  # a restart logs steps twice
+    tokens = trained_tokens(history)
     report = {
         "status": "finished", "config": to_dict(cfg), "steps": total_steps, "examples": examples.num_rows,
-        "compute": {"params": params, "trained_tokens": trained_tokens, "flops": train_flops(params, trained_tokens),
+        "compute": {"params": params, "trained_tokens": tokens, "flops": train_flops(params, tokens),
                     "reference_sequences_scored": ref_counts["scored"]},
         "dataset": data_report, "timings": timings, "reference_pass": ref_counts, "final_metrics": history[-1] if history else None,
         "restarts": _restarts(history),
@@ -720,6 +720,12 @@ def _permutation(n: int, seed: int) -> list[int]:
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     return idx
+
+
+def trained_tokens(history: list[dict]) -> float:
+    """Tokens trained on, summed over optimizer steps (a restart logs its redone steps twice: the
+    last record of a step counts)."""
+    return float(sum(h["tokens"] for h in {h["step"]: h for h in history if "tokens" in h}.values()))
 
 
 def _restarts(history: list[dict]) -> int:
