@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Tests never use the Hugging Face Hub (there is no network in CI): a model id that is not a local
+# path must fail at once, not after the hub client's retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
 import torch
 from transformers import LlamaForCausalLM
 
