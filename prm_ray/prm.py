@@ -369,14 +369,10 @@ class ExplicitPRM(ImplicitPRM):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, positive_token: str = "+", negative_token: str = "-",
                  **kwargs) -> None:
+        from prm_ray.train import step_label_token_ids
+
         super().__init__(model, tokenizer, None, **kwargs)
-        ids = []
-        for text in (positive_token, negative_token):
-            enc = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(enc) != 1:
-                raise ValueError(f"step label token {text!r} is {len(enc)} tokens; it must be exactly one")
-            ids.append(enc[0])
-        self.positive_id, self.negative_id = ids
+        self.positive_id, self.negative_id = step_label_token_ids(tokenizer, [positive_token, negative_token])
 
     @classmethod
     def from_pretrained(cls, path: str, *, positive_token: str = "+", negative_token: str = "-",
