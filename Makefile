@@ -5,17 +5,23 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu
 POLICY ?= artifacts/policy
 
-.PHONY: install test demo baselines policy clean-venv
+.PHONY: install lint test check demo baselines policy constraints config-docs clean-venv
 
 install: $(STAMP)
 
-# Reinstall only when the dependencies or the install script change.
-$(STAMP): pyproject.toml scripts/install.sh
+# Reinstall only when the dependencies, their pinned versions or the install script change.
+$(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
 	EXTRAS=$(EXTRAS) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# What CI runs: the linter, then the tests.
+check: lint test
 
 # The main job, submitted to a local Ray head the way a cluster user submits it. A head that is
 # already up is used as is; one started here is stopped afterwards. PATH puts the venv's python
@@ -45,7 +51,21 @@ baselines:
 
 # Retrain the default policy from scratch (about 15-20 minutes on 2 cores).
 policy: $(STAMP)
-	$(PY) jobs/bootstrap_policy.py --out $(POLICY) --force
+	$(PY) jobs/bootstrap_policy.py --out $(POLICY) --overwrite
+
+# Refresh constraints-cpu.txt: the newest versions pyproject.toml allows, in a fresh venv. Run
+# `make test` with them before committing the new file.
+constraints:
+	rm -rf .venv-constraints
+	CONSTRAINTS= EXTRAS=cpu VENV=.venv-constraints bash scripts/install.sh
+	{ sed -n '1,3p' constraints-cpu.txt; .venv-constraints/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^-e ' | grep -iv '^prm-ray'; } > constraints-cpu.txt.new
+	mv constraints-cpu.txt.new constraints-cpu.txt
+	rm -rf .venv-constraints
+
+# Regenerate docs/config.md from the config classes (a test fails when it is out of date).
+config-docs: $(STAMP)
+	$(PY) scripts/config_docs.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,19 +2,23 @@
 
     .venv/bin/python bench/rollout_throughput.py            # full run (~7 min on 2 idle cores)
     .venv/bin/python bench/rollout_throughput.py --quick    # smoke run (~3 min)
+    .venv/bin/python bench/rollout_throughput.py --config my_bench.yaml --out /tmp/r.json
+
+Flags are the fields of RolloutBenchConfig below (`--help` lists them with their defaults); list
+fields take comma-separated values (`--hf_batch 64,128`).
 
 What one run measures (see docs/bench_rollout.md for the interpretation):
 
 1. the machine's matmul peak (2048x2048 fp32 and bf16, torch, 2 threads);
 2. `transformers` `generate` (batched, sampling, fp32 and bf16) on the default policy
    (artifacts/policy) and on a ~25M-parameter Llama of the same architecture (random init);
-3. the real pipeline, `prm_ray.rollout.run_rollouts(RolloutConfig(...))`, on the same prompts
+3. the real pipeline, `prm_ray.stages.rollout.run_rollouts(RolloutConfig(...))`, on the same prompts
    (task arith, split validation), N, temperature and max tokens, for several engine settings;
 4. the driver's peak RSS for 1,000 vs 10,000 instructions (one subprocess per size).
 
 Workload, identical for both engines of one model size: the first `--prompts` (default policy) or
-`--prompts-big` (25M model) validation prompts, `--n` samples each, the policy card's rollout
-temperature, top_p 1, top_k off, `--max-tokens`.
+`--prompts_big` (25M model) validation prompts, `--n` samples each, the policy card's rollout
+temperature, top_p 1, top_k off, `--max_tokens`.
 The default policy stops at its own EOS. The random-init 25M model has no EOS behaviour worth the
 name, so every (prompt, sample) gets a fixed length taken from the default policy's measured
 response lengths in this run (its `generate` fp32 run, EOS included): vLLM gets
@@ -30,7 +34,6 @@ time), (c) for the 25M model only, rewrites each request's `max_tokens`/`min_tok
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -42,8 +45,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
+
+from prm_ray.cli import run_job
+from prm_ray.config import ConfigError, param, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = ROOT / "artifacts" / "policy"
@@ -54,6 +61,58 @@ RESERVED_CPUS = {
     # EngineConfig.cpu_reserved_cpus=0 (the pipeline's default): the model worker uses every core.
     "all": 0,
 }
+QUICK = {"prompts": 8, "prompts_big": 4, "hf_batch": [64], "shard_size": 8, "mem_sizes": [100, 1000],
+         "mem_shard_size": 100, "matmul_reps": 4}
+"""What `--quick` sets (over any value given for these fields)."""
+
+
+@dataclass
+class RolloutBenchConfig:
+    """Rollout throughput: the Ray/vLLM pipeline against plain transformers generate (docs/bench_rollout.md)."""
+
+    quick: bool = param(False, "a few-minute smoke run: prompts 8, prompts_big 4, hf_batch 64, shard_size 8, "
+                               "mem_sizes 100,1000, matmul_reps 4 (over any value given for them), and pipeline "
+                               "runs default-shipped and 25m-bf16-<bind> unless runs is set")
+    prompts: int = param(64, "validation prompts (both model sizes)")
+    prompts_big: int = param(32, "validation prompts for the ~25M model (the first ones of prompts)")
+    n: int = param(8, "samples per prompt")
+    max_tokens: int = param(160, "max new tokens (the policy card's value)")
+    hf_batch: list[int] = param(factory=lambda: [64, 128, 256],
+                                help="generate batch sizes in sequences (each is measured, the best counts)")
+    hf_dtypes: list[str] = param(factory=lambda: ["float32", "bfloat16"], help="generate dtypes")
+    shard_size: int = param(32, "pipeline shard size (instructions)")
+    max_num_seqs: int = param(256, "the pipeline engine's max_num_seqs (engine.max_num_seqs)")
+    kvcache_gb: int = param(2, "VLLM_CPU_KVCACHE_SPACE per engine (engine.cpu_kvcache_gb)")
+    bind: Literal["all", "auto"] = param("all", "vLLM thread binding for the main runs: all (every core) or auto "
+                                                "(vLLM's default, one core reserved); the other one is run as a "
+                                                "comparison")
+    runs: list[str] | None = param(None, "pipeline run names, e.g. 25m-bf16-all,25m-bf16-all-seqs64; null: the "
+                                         "default set (quick: default-shipped and 25m-bf16-<bind>)")
+    keep: bool = param(False, "keep the temp dir (25M model, rollout outputs)")
+    big: list[int] = param(factory=lambda: [512, 8, 8, 1376],
+                           help="hidden, layers, heads, intermediate of the ~25M model")
+    mem_sizes: list[int] = param(factory=lambda: [1000, 10000],
+                                 help="driver-memory runs, in instructions ('' skips them)")
+    mem_shard_size: int = param(100, "shard size of the driver-memory runs")
+    mem_max_tokens: int = param(8, "max new tokens of the driver-memory runs")
+    matmul_size: int = param(2048, "side of the square matmul of the peak measurement")
+    matmul_reps: int = param(10, "repetitions of that matmul")
+    out: str | None = param(None, "results JSON; null: bench/results/rollout_throughput[_quick].json")
+    seed: int = param(0, "sampling and 25M-model init seed")
+    mem_child: int | None = param(None, "internal: run one driver-memory measurement of this many "
+                                        "instructions in this process", hidden=True)
+    mem_out: str | None = param(None, "internal: the driver-memory run's rollout directory", hidden=True)
+
+    def __post_init__(self) -> None:
+        if len(self.big) != 4:
+            raise ConfigError(f"big must be 4 integers (hidden, layers, heads, intermediate), got {self.big}")
+        if not self.hf_batch or not self.hf_dtypes:
+            raise ConfigError("hf_batch and hf_dtypes must not be empty")
+        if self.prompts_big > self.prompts:
+            raise ConfigError(f"prompts_big ({self.prompts_big}) must be <= prompts ({self.prompts})")
+
+
+CONFIG, ALIASES = RolloutBenchConfig, {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,12 +173,6 @@ def build_25m(path: Path, hidden: int, layers: int, heads: int, inter: int, seed
     return sum(p.numel() for p in model.parameters())
 
 
-def count_params(model_dir: Path) -> int:
-    from transformers import LlamaForCausalLM
-
-    return sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters())
-
-
 def length_stats(lengths: list[int], max_tokens: int) -> dict:
     s = sorted(lengths)
     return {"count": len(s), "mean": statistics.mean(s), "median": statistics.median(s),
@@ -141,10 +194,16 @@ def hf_generate(model_dir: Path, dtype: str, prompts: list[str], n: int, max_tok
     Returns per-(prompt, sample) lengths and the time spent inside `generate`.
     """
     import torch
-    from transformers import (AutoTokenizer, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList,
-                              StoppingCriteria, StoppingCriteriaList)
+    from transformers import (
+        AutoTokenizer,
+        LlamaForCausalLM,
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
-    from prm_ray.policy import render_prompt
+    from prm_ray.tokens import render_prompt
 
     class SuppressToken(LogitsProcessor):
         def __init__(self, token_id: int) -> None:
@@ -220,7 +279,7 @@ def hf_generate(model_dir: Path, dtype: str, prompts: list[str], n: int, max_tok
 def make_sampler(env: dict, side_file: str, lengths_file: str | None, strip_seeds: bool):
     """A `VLLMSampler` subclass; see the module docstring for what it changes (nothing on the
     default path but environment variables and a side file with construction timestamps)."""
-    from prm_ray.rollout import VLLMSampler
+    from prm_ray.stages.rollout import VLLMSampler
 
     class BenchSampler(VLLMSampler):
         def __init__(self, *args, **kwargs):
@@ -267,11 +326,11 @@ class VllmRun:
     eager: bool = True  # False: let vLLM compile the model (torch.compile) and capture graphs
 
 
-def pipeline_run(spec: VllmRun, model_dir: Path, args, temperature: float, work: Path,
+def pipeline_run(spec: VllmRun, model_dir: Path, args: RolloutBenchConfig, temperature: float, work: Path,
                  lengths_file: Path | None) -> dict:
     import pyarrow.parquet as pq
 
-    from prm_ray.rollout import EngineConfig, RolloutConfig, SamplingConfig, run_rollouts
+    from prm_ray.stages.rollout import EngineConfig, RolloutConfig, SamplingConfig, run_rollouts
 
     out = work / f"rollouts-{spec.name}"
     side = work / f"side-{spec.name}.json"
@@ -323,8 +382,8 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def mem_child(args) -> None:
-    """Run the shipped pipeline on `--mem-child` train instructions; print the driver's RSS."""
+def mem_child(args: RolloutBenchConfig) -> None:
+    """Run the shipped pipeline on `mem_child` train instructions; print the driver's RSS."""
     import psutil
 
     proc = psutil.Process()
@@ -340,7 +399,7 @@ def mem_child(args) -> None:
     thread.start()
     import ray
 
-    from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts
+    from prm_ray.stages.rollout import RolloutConfig, SamplingConfig, run_rollouts
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
@@ -365,10 +424,10 @@ def mem_child(args) -> None:
     ray.shutdown()
 
 
-def mem_parent(size: int, args, work: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", str(size),
-           "--mem-out", str(work / f"mem-{size}"), "--mem-shard-size", str(args.mem_shard_size),
-           "--mem-max-tokens", str(args.mem_max_tokens)]
+def mem_parent(size: int, args: RolloutBenchConfig, work: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem_child", str(size),
+           "--mem_out", str(work / f"mem-{size}"), "--mem_shard_size", str(args.mem_shard_size),
+           "--mem_max_tokens", str(args.mem_max_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMRESULT "):
@@ -433,43 +492,7 @@ def markdown(res: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few-minute smoke run with small sizes")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts (both model sizes)")
-    p.add_argument("--prompts-big", type=int, default=32,
-                   help="validation prompts for the ~25M model (the first ones of --prompts)")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=160, help="max new tokens (the policy card's value)")
-    p.add_argument("--hf-batch", default="64,128,256",
-                   help="generate batch sizes in sequences (comma-separated; each is measured, the best counts)")
-    p.add_argument("--hf-dtypes", default="float32,bfloat16")
-    p.add_argument("--shard-size", type=int, default=32, help="pipeline shard size (instructions)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kvcache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per engine")
-    p.add_argument("--bind", choices=sorted(RESERVED_CPUS), default="all",
-                   help="vLLM thread binding for the main runs (the other one is run as a comparison)")
-    p.add_argument("--runs", default=None, help="comma-separated pipeline run names (default: all; "
-                   "--quick: default-shipped and 25m-bf16-<bind>)")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (25M model, rollout outputs)")
-    p.add_argument("--big", default="512,8,8,1376", help="hidden,layers,heads,intermediate of the ~25M model")
-    p.add_argument("--mem-sizes", default="1000,10000", help="driver-memory runs ('' to skip)")
-    p.add_argument("--mem-shard-size", type=int, default=100)
-    p.add_argument("--mem-max-tokens", type=int, default=8)
-    p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--matmul-reps", type=int, default=10)
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/rollout_throughput[_quick].json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mem-child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--mem-out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.prompts, args.prompts_big, args.hf_batch, args.shard_size = 8, 4, "64", 8
-        args.mem_sizes, args.mem_shard_size, args.matmul_reps = "100,1000", 100, 4
-    return args
-
-
-def vllm_runs(args) -> list[VllmRun]:
+def vllm_runs(args: RolloutBenchConfig) -> list[VllmRun]:
     b, other = args.bind, ("auto" if args.bind == "all" else "all")
     s, m = args.shard_size, args.max_num_seqs
     runs = [
@@ -490,11 +513,11 @@ def vllm_runs(args) -> list[VllmRun]:
     default_names = ["default-fp32-auto", "default-shipped", f"25m-fp32-{b}", f"25m-bf16-{b}",
                      f"25m-bf16-{other}"]
     if args.runs:
-        wanted = args.runs.split(",")
-        runs = [r for r in runs if r.name in wanted]
+        wanted = args.runs
         missing = set(wanted) - {r.name for r in runs}
         if missing:
-            raise SystemExit(f"unknown --runs {sorted(missing)}")
+            raise ConfigError(f"runs: unknown {sorted(missing)}; valid: {', '.join(r.name for r in runs)}")
+        runs = [r for r in runs if r.name in wanted]
     elif args.quick:
         runs = [r for r in runs if r.name in ("default-shipped", f"25m-bf16-{b}")]
     else:
@@ -507,11 +530,13 @@ def vllm_runs(args) -> list[VllmRun]:
     return unique
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run(args: RolloutBenchConfig) -> dict:
     if args.mem_child is not None:
         mem_child(args)
         return {}
+    if args.quick:
+        args = replace(args, **QUICK)
+    vllm_runs(args)  # an unknown run name fails now, not after the generate runs
     t_start = time.time()
     out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         "rollout_throughput_quick.json" if args.quick else "rollout_throughput.json")
@@ -519,7 +544,9 @@ def main(argv=None) -> dict:
     import transformers
     import vllm  # noqa: F401  (version only; the engines run in Ray actors)
 
-    from prm_ray.rollout import sample_seed
+    from prm_ray.artifacts import read_policy_card
+    from prm_ray.models import count_parameters
+    from prm_ray.stages.rollout import sample_seed
     from prm_ray.tasks.arith import ArithConfig, ArithTask
 
     res: dict = {
@@ -529,11 +556,11 @@ def main(argv=None) -> dict:
                     "gpu": False, "loadavg_start": loadavg()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "vllm": vllm.__version__, "python": platform.python_version()},
-        "args": vars(args),
+        "args": to_dict(args),
     }
     try:
-        res["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                                     if l.startswith("model name"))
+        res["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     torch.set_num_threads(os.cpu_count() or 1)
@@ -543,12 +570,11 @@ def main(argv=None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     big_dir = work / "llama-25m"
-    hidden, layers, heads, inter = map(int, args.big.split(","))
+    hidden, layers, heads, inter = args.big
     big_params = build_25m(big_dir, hidden, layers, heads, inter, args.seed)
-    card = json.loads((DEFAULT_POLICY / "prm_ray_policy.json").read_text())
-    temperature = float(card["rollout_temperature"])
+    temperature = float(read_policy_card(DEFAULT_POLICY)["rollout_temperature"])
     res["models"] = {
-        "default": {"label": "default 1.35M", "path": str(DEFAULT_POLICY), "params": count_params(DEFAULT_POLICY),
+        "default": {"label": "default 1.35M", "path": str(DEFAULT_POLICY), "params": count_parameters(str(DEFAULT_POLICY)),
                     "shape": "hidden 192, 3 layers, 3 heads of 64, intermediate 512"},
         "25m": {"label": f"{big_params / 1e6:.1f}M random", "path": str(big_dir), "params": big_params,
                 "shape": f"hidden {hidden}, {layers} layers, {heads} heads of {hidden // heads}, "
@@ -569,8 +595,8 @@ def main(argv=None) -> dict:
 
     # 1. plain generate (before Ray starts, so nothing else of ours competes for the 2 cores)
     lengths = None
-    batches = [int(b) for b in str(args.hf_batch).split(",")]
-    for dtype in args.hf_dtypes.split(","):
+    batches = args.hf_batch
+    for dtype in args.hf_dtypes:
         for batch in batches:
             log(f"generate default {dtype} batch {batch}")
             la = loadavg()
@@ -585,7 +611,7 @@ def main(argv=None) -> dict:
             log(f"  {r['tokens']:,} tokens in {r['generate_s']:.1f}s = {r['tok_s']:,.0f} tok/s "
                 f"({r['cores_used']:.2f} cores busy; load {runs[-1]['loadavg']})")
             save()
-    for dtype in args.hf_dtypes.split(","):
+    for dtype in args.hf_dtypes:
         for batch in batches:
             log(f"generate 25M {dtype} batch {batch}")
             la = loadavg()
@@ -632,7 +658,7 @@ def main(argv=None) -> dict:
 
     # 3. driver memory, one fresh process (and Ray) per size
     res["memory"] = []
-    for size in [int(x) for x in args.mem_sizes.split(",") if x]:
+    for size in args.mem_sizes:
         log(f"driver memory, {size} instructions")
         try:
             m = mem_parent(size, args, work)
@@ -659,6 +685,10 @@ def main(argv=None) -> dict:
     print(f"25M forced lengths: {res['length_distribution_25m']}")
     print(f"total {res['total_s']:.0f}s; results in {out_path}")
     return res
+
+
+def main(argv=None) -> dict:
+    return run_job(run, CONFIG, argv, aliases=ALIASES, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     python bench/serve_load.py              # about 5 minutes on 2 cores
     python bench/serve_load.py --quick      # a smoke run (short phases)
+    python bench/serve_load.py --replicas 2 --out /tmp/serve_load_2replicas.json
+
+Flags are the fields of ServeLoadConfig below (`--help` lists them with their defaults).
 
 Workload: arith test problems, each with its reference solution and a corrupted copy (one step's
 result changed), so lengths are those of real responses. Model: the shipped policy
@@ -16,10 +19,9 @@ concurrent connections, a warm-up excluded):
 - latency at low load (one connection);
 - the shared-prompt KV fan-out against full sequences on the same batches (engine level), for
   arith prompts (short) and a few-shot prompt (long).
-Writes bench/results/serve_load.json and prints a summary.
+Writes bench/results/serve_load.json (--out) and prints a summary.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -27,14 +29,50 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from prm_ray.cli import run_job
+from prm_ray.config import param, to_dict
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 FEW_SHOT = ("Solve the chain left to right, reducing every value mod 10, one step per paragraph, "
             "and give the final value in a box. ")
+
+
+QUICK = {"problems": 40, "duration": 4.0, "warmup": 2.0}
+"""What `--quick` sets (over any value given for these fields); in-process phases also run 3 s, not 10."""
+
+
+@dataclass
+class ServeLoadConfig:
+    """Load test of the PRM scoring service (Ray Serve) against in-process ImplicitPRM.score."""
+
+    model: str = param(str(ROOT / "artifacts" / "policy"), "the model served, as both PRM and reference")
+    problems: int = param(200, "arith test problems; each gives two responses (its solution and a corrupted copy)")
+    # One thread: with other processes on the cores, OpenMP's barriers between threads stall
+    # whenever a core is taken away, which makes 2-thread timings erratic here.
+    threads: int = param(1, "torch threads, in process and per replica (ServeConfig.threads)")
+    max_batch_size: int = param(32, "the service's max_batch_size, and the in-process ceiling's batch")
+    batch_wait_timeout_s: float = param(0.01, "the service's batch_wait_timeout_s")
+    concurrency: int = param(64, "concurrent client connections at saturation")
+    duration: float = param(20.0, "measured seconds per service phase")
+    warmup: float = param(5.0, "seconds per service phase before measuring")
+    replicas: int = param(1, "replicas per deployment, each its own process (ServeConfig.replicas)")
+    port: int = param(8123, "HTTP port of the service")
+    out: str = param(str(ROOT / "bench" / "results" / "serve_load.json"), "results JSON")
+    quick: bool = param(False, "a smoke run: problems 40, duration 4, warmup 2 (over any value given for them), "
+                               "3 s in-process phases, 3 KV-sharing repetitions")
+    throughput_optimized: bool = param(False, "RAY_SERVE_THROUGHPUT_OPTIMIZED=1: Serve's bundle of direct ingress "
+                                              "(no proxy hop), gRPC between processes, user code on the main loop, "
+                                              "frozen GC")
+    client: str | None = param(None, "internal: run the load client of this spec file", hidden=True)
+
+
+CONFIG, ALIASES = ServeLoadConfig, {}
 
 
 def workload(problems: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -114,13 +152,11 @@ def run_client(url, payloads, path, concurrency, duration, warmup, per_request) 
     """The load generator runs in its own process, as a trainer or sampler would."""
     spec = json.dumps(dict(url=url, payloads=payloads, path=path, concurrency=concurrency,
                            duration=duration, warmup=warmup, per_request=per_request))
-    spec_file = ROOT / "bench" / "results" / ".serve_load_client.json"
-    spec_file.write_text(spec)
-    try:
-        out = subprocess.run([sys.executable, __file__, "--client", str(spec_file)], check=True,
+    with tempfile.NamedTemporaryFile("w", prefix="serve_load_client-", suffix=".json") as spec_file:
+        spec_file.write(spec)
+        spec_file.flush()
+        out = subprocess.run([sys.executable, __file__, "--client", spec_file.name], check=True,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    finally:
-        spec_file.unlink(missing_ok=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -139,7 +175,7 @@ def in_process(prm, pairs, batch_size: int, min_seconds: float) -> dict:
 
 def kv_sharing(prm, pairs, group: int, batch: int, reps: int) -> list[dict]:
     """Time the shared-prompt plan against full sequences on identical batches."""
-    from prm_ray.serve import BatchScorer
+    from prm_ray.serve.batcher import BatchScorer
 
     scorer = BatchScorer(prm, share_prompt=True, min_saving=0.0)
     by_prompt: dict[str, list[str]] = {}
@@ -180,35 +216,15 @@ def kv_sharing(prm, pairs, group: int, batch: int, reps: int) -> list[dict]:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "artifacts" / "policy"))
-    ap.add_argument("--problems", type=int, default=200)
-    # One thread: with other processes on the cores, OpenMP's barriers between threads stall
-    # whenever a core is taken away, which makes 2-thread timings erratic here.
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and per replica")
-    ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--warmup", type=float, default=5.0)
-    ap.add_argument("--num-replicas", type=int, default=1, help="replicas per deployment (each its own process)")
-    ap.add_argument("--port", type=int, default=8123)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--throughput-optimized", action="store_true",
-                    help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1: Serve's bundle of direct ingress (no proxy hop), "
-                         "gRPC between processes, user code on the main loop, frozen GC")
-    ap.add_argument("--client", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+def run(args: ServeLoadConfig) -> dict | None:
     if args.client:
         return client_main(Path(args.client).read_text())
     if args.quick:
-        args.problems, args.duration, args.warmup = 40, 4.0, 2.0
+        args = replace(args, **QUICK)
 
     import torch
 
-    from prm_ray.prm import ImplicitPRM
+    from prm_ray.scoring import ImplicitPRM
     from prm_ray.serve import ServeConfig, build_app
 
     t_all = time.perf_counter()
@@ -219,7 +235,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
         "workload": {"responses": len(pairs), "problems": args.problems,
                      "mean_chars": statistics.fmean(len(p) + len(r) for p, r in pairs)},
-        "args": {k: v for k, v in vars(args).items() if k != "client"},
+        "args": {k: v for k, v in to_dict(args).items() if k != "client"},
     }
 
     prm = ImplicitPRM.from_pretrained(args.model, ref_path=args.model, beta=0.05)
@@ -266,10 +282,9 @@ def main() -> None:
     ]
     results["service"] = {}
     for name, overrides, path, payloads, conc, per in phases:
-        fields = dict(prm=args.model, ref=args.model, beta=0.05, max_batch_size=args.max_batch_size,
-                      batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, torch_threads=args.threads,
-                      num_replicas=args.num_replicas,
-                      name="prm-scorer-bench")
+        fields = dict(prm=args.model, reference_model=args.model, beta=0.05, max_batch_size=args.max_batch_size,
+                      batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, threads=args.threads,
+                      replicas=args.replicas, name="prm-scorer-bench")
         cfg = ServeConfig(**{**fields, **overrides})
         t0 = time.perf_counter()
         handle = serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
@@ -312,6 +327,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results["targets"], indent=2))
     print(f"wrote {args.out} in {results['total_s']:.0f} s")
+    return results
+
+
+def main(argv=None) -> dict | None:
+    return run_job(run, CONFIG, argv, aliases=ALIASES, description=__doc__)
 
 
 if __name__ == "__main__":

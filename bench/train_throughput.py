@@ -1,10 +1,13 @@
 """Training throughput: the Ray Train path against a plain single-process PyTorch loop, in one run.
 
-    python bench/train_throughput.py            # default policy and a ~25M model (about 10 min)
-    python bench/train_throughput.py --quick    # a smoke run
+    python bench/train_throughput.py                    # default policy and a ~25M model (about 10 min)
+    python bench/train_throughput.py --models default   # one model
+    python bench/train_throughput.py --quick            # a smoke run
+
+Flags are the fields of TrainBenchConfig below (`--help` lists them with their defaults).
 
 For each model: the same CE examples (arith reference solutions and corrupted copies), the same
-micro-batch, bf16 autocast, and the same per-micro-batch code (`prm_ray.train._micro_batch_loss`).
+micro-batch, bf16 autocast, and the same per-micro-batch code (`prm_ray.stages.train.step.micro_batch_loss`).
 Measured:
 - plain loop tokens/s (2 threads, one process; run before and after the Ray runs, the faster counts);
 - Ray Train tokens/s with 1 worker x 2 threads (Ray's overhead against the plain loop) and with
@@ -18,14 +21,13 @@ Writes bench/results/train_throughput.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import resource
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,17 +35,41 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prm_ray.policy import ModelShape, build_char_tokenizer  # noqa: E402
-from prm_ray.prm import max_context, pad_token_id  # noqa: E402
-from prm_ray.rollout import SCHEMA  # noqa: E402
-from prm_ray.tasks.arith import ArithTask  # noqa: E402
-from prm_ray.train import TrainConfig, _micro_batch_loss, train_prm  # noqa: E402
+from prm_ray.artifacts import TRAIN_METRICS, read_jsonl
+from prm_ray.cli import run_job
+from prm_ray.config import ConfigError, param
+from prm_ray.models import count_parameters
+from prm_ray.policy import ModelShape, build_char_tokenizer
+from prm_ray.resources import Resources
+from prm_ray.stages.rollout import SCHEMA
+from prm_ray.stages.train import TrainConfig, train_prm
+from prm_ray.stages.train.step import StepContext, micro_batch_loss, sequence_logprobs
+from prm_ray.tasks.arith import ArithTask
+from prm_ray.tokens import max_context, pad_token_id
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = ModelShape(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376,
                  max_position_embeddings=512)
+MODELS = ("default", "25M")
+
+
+@dataclass
+class TrainBenchConfig:
+    """Training throughput: Ray Train against a plain single-process PyTorch loop (docs/bench_train.md)."""
+
+    quick: bool = param(False, "a smoke run: 6 optimizer steps per measurement instead of 24")
+    out: str = param(str(ROOT / "bench" / "results" / "train_throughput.json"), "results JSON")
+    models: list[str] = param(factory=lambda: list(MODELS),
+                              help="which models: default (the shipped policy) and/or 25M (random init)")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown or not self.models:
+            raise ConfigError(f"models: unknown {unknown}; choose from {', '.join(MODELS)}" if unknown
+                              else f"models must name at least one of {', '.join(MODELS)}")
+
+
+CONFIG, ALIASES = TrainBenchConfig, {}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -86,20 +112,20 @@ def plain_loop(model_dir: str, examples: list[dict], micro: int, steps: int, wit
     model.config.use_cache = False
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval() if with_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = TrainConfig(micro_batch_size=micro, global_batch_size=micro, num_workers=1)
+    cfg = TrainConfig(micro_batch_size=micro, global_batch_size=micro, workers=Resources(replicas=1), loggers=[])
     ml, pad = max_context(model), pad_token_id(tok)
     dev = torch.device("cpu")
+    ctx = StepContext(model, tok, cfg, ml, pad, dev, autocast=True)
+    ref_ctx = StepContext(ref, tok, cfg, ml, pad, dev, autocast=True) if ref is not None else None
     rates = []
     for step in range(steps):
         rows = {k: [e[k] for e in examples[step * micro:(step + 1) * micro]] for k in examples[0]}
         t0 = time.perf_counter()
-        if ref is not None:  # what the paper's trainer does on every step
-            from prm_ray.train import _sequence_logp
-
+        if ref_ctx is not None:  # what the paper's trainer does on every step
             with torch.no_grad():
-                lp, _ = _sequence_logp(ref, tok, rows["prompt"], rows["response"], ml, pad, dev, True)
+                lp, _ = sequence_logprobs(ref_ctx, rows["prompt"], rows["response"])
             rows["ref_logp"] = lp.tolist()
-        loss, stats = _micro_batch_loss(model, tok, rows, cfg, ml, pad, dev, True)
+        loss, stats = micro_batch_loss(ctx, rows)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,29 +136,22 @@ def plain_loop(model_dir: str, examples: list[dict], micro: int, steps: int, wit
 
 def ray_run(model_dir: str, data: Path, out: Path, micro: int, steps: int, workers: int, threads: int) -> dict:
     cfg = TrainConfig(data=str(data), model=model_dir, out=str(out), global_batch_size=micro * workers,
-                      micro_batch_size=micro, num_workers=workers, cpus_per_worker=1.0 / workers,
-                      threads_per_worker=threads, max_steps=steps, checkpoint_every=10**6, warmup_ratio=0.0)
-    report = train_prm(cfg, progress=False)
-    hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+                      micro_batch_size=micro, workers=Resources(replicas=workers, num_cpus=1.0 / workers, threads=threads),
+                      max_optimizer_steps=steps, checkpoint_every=10**6, warmup_ratio=0.0, loggers=[], overwrite=True)
+    report = train_prm(cfg)
+    hist = read_jsonl(out / TRAIN_METRICS)
     return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist[2:]),
             "peak_rss_mb_max_worker": max(h["peak_rss_mb_max_worker"] for h in hist),
             "reference_pass_s": report["timings"]["reference_pass_s"], "train_s": report["timings"]["train_s"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
-    ap.add_argument("--models", default="default,25M", help="comma-separated subset of: default, 25M")
-    args = ap.parse_args()
-    wanted = set(args.models.split(","))
-    if wanted - {"default", "25M"}:
-        ap.error(f"--models: unknown {sorted(wanted - {'default', '25M'})}; choose from default, 25M")
+def run(args: TrainBenchConfig) -> dict:
+    wanted = set(args.models)
     steps = 6 if args.quick else 24
     micro = 16
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     results = {"machine": "2 cores, no GPU", "date": time.strftime("%Y-%m-%d"), "steps": steps,
                "micro_batch": micro, "matmul_peak_flops": peak, "models": {}}
@@ -151,7 +170,7 @@ def main() -> None:
         examples = [{"prompt": e["prompt"], "response": e["response"], "label": int(e["correct"]),
                      "ref_logp": 0.0} for e in examples]
         for name, path in models.items():
-            params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+            params = count_parameters(path)
             print(f"== {name}: {params / 1e6:.2f}M params", flush=True)
             r = {"params": params}
             r["plain"] = plain_loop(path, examples, micro, steps, with_ref=False)
@@ -189,6 +208,11 @@ def main() -> None:
               f"{r['ray_2x1']['tokens_per_s']:.0f} ({r['ray_overhead_2x1']:+.0%}) | "
               f"{r['plain']['flops_fraction_of_bf16_peak']:.1%} | {r['precomputed_ref_speedup']:.2f}x | "
               f"{r['ray_2x1']['peak_rss_mb_max_worker']:.0f} |")
+    return results
+
+
+def main(argv=None) -> dict:
+    return run_job(run, CONFIG, argv, aliases=ALIASES, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,19 @@ best-of-N protocol, with the compute of every stage.
     ray job submit --working-dir . -- python jobs/compare_baselines.py --runs_dir $PWD/runs
 """
 
-from prm_ray.config import parse_args
+from prm_ray.cli import run_job
 from prm_ray.study import CompareBaselinesConfig, compare_baselines_specs, run_study
+
+CONFIG, ALIASES = CompareBaselinesConfig, {}
+
+
+def run(cfg: CompareBaselinesConfig) -> dict:
+    return run_study(cfg, compare_baselines_specs(cfg), axis_name="method",
+                     title="Implicit PRM vs Math-Shepherd: accuracy and compute (paper Figures 1 and 3)")
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(CompareBaselinesConfig, argv)
-    return run_study(cfg, compare_baselines_specs(cfg), axis_name="method",
-                     title="Implicit PRM vs Math-Shepherd: accuracy and compute (paper Figures 1 and 3)")
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,22 @@ returned as is.
 
 import json
 
-from prm_ray.config import parse_args
-from prm_ray.shepherd import ShepherdConfig, run_shepherd
+from prm_ray.cli import run_job
+from prm_ray.stages.shepherd import ShepherdConfig, run_shepherd
 
+CONFIG = ShepherdConfig
 ALIASES = {"k": "completions_per_step", "temperature": "sampling.temperature",
            "max-tokens": "sampling.max_tokens", "seed": "sampling.seed", "replicas": "engine.replicas"}
 
 
-def main(argv=None) -> dict:
-    cfg = parse_args(ShepherdConfig, argv, aliases=ALIASES)
+def run(cfg: ShepherdConfig) -> dict:
     summary = run_shepherd(cfg)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv=None) -> dict:
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,22 @@ Re-running the same command after a kill completes only the missing shards.
 
 import json
 
-from prm_ray.config import parse_args
-from prm_ray.rollout import RolloutConfig, run_rollouts
+from prm_ray.cli import run_job
+from prm_ray.stages.rollout import RolloutConfig, run_rollouts
 
+CONFIG = RolloutConfig
 ALIASES = {"n": "sampling.n", "temperature": "sampling.temperature", "max-tokens": "sampling.max_tokens",
            "seed": "sampling.seed", "replicas": "engine.replicas"}
 
 
-def main(argv=None) -> dict:
-    cfg = parse_args(RolloutConfig, argv, aliases=ALIASES)
+def run(cfg: RolloutConfig) -> dict:
     summary = run_rollouts(cfg)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv=None) -> dict:
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

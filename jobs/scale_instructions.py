@@ -7,14 +7,19 @@ training instructions (all their responses), evaluated by best-of-N on held-out 
 Shares rollouts (and the 100% PRM) with jobs/scale_responses.py when the settings match.
 """
 
-from prm_ray.config import parse_args
+from prm_ray.cli import run_job
 from prm_ray.study import ScaleInstructionsConfig, run_study, scale_instructions_specs
+
+CONFIG, ALIASES = ScaleInstructionsConfig, {}
+
+
+def run(cfg: ScaleInstructionsConfig) -> dict:
+    return run_study(cfg, scale_instructions_specs(cfg), axis_name="instruction_fraction",
+                     title="Implicit PRM: scaling the number of instructions (paper Fig. 4)")
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(ScaleInstructionsConfig, argv)
-    return run_study(cfg, scale_instructions_specs(cfg), axis_name="instruction_fraction",
-                     title="Implicit PRM: scaling the number of instructions (paper Fig. 4)")
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,19 @@ Writes runs/<name>/report.md, report.json, bon_vs_n.png, scaling.png, stages.png
 Finished stages (rollouts, PRMs, evaluations) are reused when the job is submitted again.
 """
 
-from prm_ray.config import parse_args
+from prm_ray.cli import run_job
 from prm_ray.study import ScaleResponsesConfig, run_study, scale_responses_specs
+
+CONFIG, ALIASES = ScaleResponsesConfig, {}
+
+
+def run(cfg: ScaleResponsesConfig) -> dict:
+    return run_study(cfg, scale_responses_specs(cfg), axis_name="responses_per_instruction",
+                     title="Implicit PRM: scaling responses per instruction (paper Fig. 5)")
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(ScaleResponsesConfig, argv)
-    return run_study(cfg, scale_responses_specs(cfg), axis_name="responses_per_instruction",
-                     title="Implicit PRM: scaling responses per instruction (paper Fig. 5)")
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Serve an implicit PRM over HTTP: POST /score, POST /rerank, GET /health (docs/serving.md).
 
     python jobs/serve_scorer.py --prm runs/prm-ce --ref artifacts/policy
-    python jobs/serve_scorer.py --config my_scorer.yaml --port 8001 --num_replicas 2
+    python jobs/serve_scorer.py --config my_scorer.yaml --port 8001 --replicas 2
     PRM_RAY_SERVE_TOKEN=secret python jobs/serve_scorer.py --prm ... --host 0.0.0.0
 
-Flags are the fields of prm_ray.serve.ServeConfig. The service listens on 127.0.0.1:8000 unless
+Flags are the fields of prm_ray.serve.ServeConfig (--ref is --reference_model). The service listens on 127.0.0.1:8000 unless
 --host/--port say otherwise, and runs until interrupted. `serve run cluster/serve_scorer.yaml`
 starts the same application from a Serve config file.
 """
@@ -14,8 +14,15 @@ import os
 import sys
 import time
 
-from prm_ray.config import parse_args
-from prm_ray.serve import ServeConfig, build_app, with_absolute_paths
+import ray
+from ray import serve
+
+from prm_ray.cli import run_job
+from prm_ray.serve import ServeConfig, build_app
+from prm_ray.serve.app import ALIASES
+from prm_ray.serve.config import with_absolute_paths
+
+CONFIG = ServeConfig
 
 
 def _is_loopback(host: str) -> bool:
@@ -25,11 +32,8 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv=None) -> None:
-    import ray
-    from ray import serve
-
-    cfg = with_absolute_paths(parse_args(ServeConfig, argv))
+def run(cfg: ServeConfig) -> None:
+    cfg = with_absolute_paths(cfg)
     if not _is_loopback(cfg.host) and not os.environ.get(cfg.auth_token_env):
         print(f"warning: serving on {cfg.host} without auth; set {cfg.auth_token_env} to require a bearer token",
               file=sys.stderr)
@@ -43,6 +47,10 @@ def main(argv=None) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+def main(argv=None) -> None:
+    run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Typed configs: dataclasses loaded from YAML and command-line flags, validated by field name.
+"""Typed configs: dataclasses loaded from YAML, dicts and (via :mod:`prm_ray.cli`) command-line flags.
 
-Every job takes `--config file.yaml` plus one flag per field (`--lr 1e-3`, nested fields with dots:
-`--arith.max_steps 6`), and writes the fully resolved config next to its results, so a run can be
+Every field is documented once, where it is declared: ``param(default, "what it means")`` puts the
+text in the field's ``metadata["help"]``, which the CLI's ``--help``, ``docs/config.md`` and error
+messages all read. A subclass that only changes a default (``num_cpus: float = 0.5``) inherits the
+base class's text. Every job writes its fully resolved config next to its results, so a run can be
 repeated from its output directory alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,16 +20,28 @@ import yaml
 
 T = TypeVar("T")
 
+__all__ = ["ConfigError", "FieldInfo", "config_fields", "field_help", "from_dict", "load_yaml", "merge", "nest", "param",
+           "save_config", "to_dict"]
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, hidden: bool = False) -> Any:
+    """A dataclass field with its documentation (``hidden``: a test hook left out of help and docs)."""
+    metadata = {"help": help, "hidden": hidden}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def is_config_class(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -36,13 +50,26 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def type_name(tp: Any) -> str:
+    base, optional = unwrap_optional(tp)
+    origin = typing.get_origin(base)
+    if origin is typing.Literal:
+        name = "|".join(str(a) for a in typing.get_args(base))
+    elif origin in (list, tuple):
+        (item, *_rest) = typing.get_args(base) or (Any,)
+        name = f"list[{type_name(item)}]"
+    else:
+        name = getattr(base, "__name__", str(base))
+    return f"{name} or null" if optional else name
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
         raise ConfigError(f"config field '{name}' must not be null")
-    if _is_dataclass_type(base):
+    if is_config_class(base):
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):
@@ -77,7 +104,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config field '{name}' must be a string, got {value!r}")
         return str(value)
-    if typing.get_origin(base) is typing.Literal:
+    if origin is typing.Literal:
         allowed = typing.get_args(base)
         if value not in allowed:
             raise ConfigError(f"config field '{name}' must be one of {allowed}, got {value!r}")
@@ -86,7 +113,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown keys and bad types raise ConfigError."""
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -101,29 +128,46 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if default is not None and isinstance(v, dict):
             # A partial mapping overrides the field's OWN default (e.g. a study's test rollouts
             # default to split=test, n=64), not the nested class's defaults.
-            v = _merge(to_dict(default), v)
+            v = merge(to_dict(default), v)
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:
+        if prefix and not str(exc).startswith(prefix):
+            raise ConfigError(f"{prefix}{exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config{' in ' + prefix.rstrip('.') if prefix else ''}: {exc}") from exc
 
 
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"autoscaling.max_replicas": "4"}`` (dotted keys: flags, ``serve run`` args) -> nested mappings."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = str(dotted).split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config field '{p}' must be a mapping to set '{dotted}'")
+        node[leaf] = value
+    return out
+
+
 def _nested_default(f: dataclasses.Field, tp: Any) -> Any:
-    base, _ = _unwrap_optional(tp)
-    if not _is_dataclass_type(base):
+    base, _ = unwrap_optional(tp)
+    if not is_config_class(base):
         return None
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default if dataclasses.is_dataclass(f.default) else None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` on top, nested mappings merged key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -152,63 +196,63 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    out = []
+# ---------------------------------------------------------------------------------------------
+# Field documentation: what --help and docs/config.md print
+# ---------------------------------------------------------------------------------------------
+
+
+def field_help(cls: type, name: str) -> tuple[str, bool]:
+    """``(help text, hidden)`` of field ``name``: from ``cls`` or, when it only overrides a default,
+    from the nearest base class that documents it."""
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        f = klass.__dataclass_fields__.get(name)  # type: ignore[attr-defined]
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"], bool(f.metadata.get("hidden"))
+    return "", False
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One leaf field of a (nested) config, with the default it really has in that position."""
+
+    name: str  # dotted: "engine.num_gpus"
+    type: Any
+    default: Any  # dataclasses.MISSING: required
+    help: str
+    hidden: bool
+    optional_section: str | None = None  # "autoscaling": this field's section is null by default
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_fields(cls: type, defaults: Any = None, prefix: str = "", section: str | None = None) -> list[FieldInfo]:
+    """Every leaf field of ``cls``, nested fields flattened with dots.
+
+    Defaults of nested fields are read from the *parent's* default instance (a study's
+    ``test_rollouts`` has ``split: test``, whatever ``RolloutConfig``'s own default is), so help
+    and docs show what a run actually gets. A nested section that is null by default (serving's
+    ``autoscaling``) is listed with its class's defaults and marked ``optional_section``.
+    """
     hints = typing.get_type_hints(cls)
+    out = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        if _is_dataclass_type(tp):
-            out.extend(_flat_fields(tp, f"{prefix}{f.name}."))
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
+        help_text, hidden = field_help(cls, f.name)
+        tp, _ = unwrap_optional(hints[f.name])
+        if is_config_class(tp) and dataclasses.is_dataclass(default):
+            out.extend(config_fields(tp, default, f"{prefix}{f.name}.", section))
+        elif is_config_class(tp):
+            out.extend(config_fields(tp, None, f"{prefix}{f.name}.", section or prefix + f.name))
         else:
-            out.append((prefix + f.name, hints[f.name], f))
+            out.append(FieldInfo(prefix + f.name, hints[f.name], default, help_text, hidden, section))
     return out
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config field '{p}' must be a mapping to set '{dotted}'")
-    node[leaf] = value
-
-
-def parse_args(cls: type[T], argv: list[str] | None = None, description: str | None = None,
-               aliases: dict[str, str] | None = None) -> T:
-    """`--config file.yaml` plus a flag per (nested) field; flags override the file.
-
-    `aliases` maps extra flag names to fields (e.g. {"n": "sampling.n"}).
-    """
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip())
-    parser.add_argument("--config", help="YAML file with any of the fields below")
-    dests: dict[str, str] = {}
-    for dotted, tp, f in _flat_fields(cls):
-        dest = dotted.replace(".", "__")
-        dests[dest] = dotted
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        names = [f"--{dotted}"]
-        if "_" in dotted:
-            names.append(f"--{dotted.replace('_', '-')}")
-        for alias, target in (aliases or {}).items():
-            if target == dotted:
-                names.append(f"--{alias}")
-        is_bool = _unwrap_optional(tp)[0] is bool
-        parser.add_argument(*names, dest=dest, default=None, metavar="V",
-                            nargs="?" if is_bool else None, const="true" if is_bool else None,
-                            help=f"({getattr(tp, '__name__', str(tp))}, default {default})")
-    args = parser.parse_args(argv)
-    data = load_yaml(args.config) if args.config else {}
-    for dest, dotted in dests.items():
-        value = getattr(args, dest)
-        if value is not None:
-            if value.lower() in ("none", "null"):
-                value = None
-            _set_dotted(data, dotted, value)
-    try:
-        return from_dict(cls, data)
-    except ConfigError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tests never use the Hugging Face Hub (there is no network in CI): a model id that is not a local
 # path must fail at once, not after the hub client's retries.
@@ -48,6 +49,22 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_instance(ray_session):
+    """Ray Serve on the session's Ray, HTTP on a free local port; modules deploy their own
+    applications on it (and delete them, so their replicas' CPUs return to the pool)."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 TINY_ARITH = dict(min_steps=1, max_steps=2, ops="+", num_train=200, num_validation=50, num_test=50)
 
 
@@ -57,8 +74,8 @@ def tiny_trained_policy(tmp_path_factory):
 
     Returns (config, policy card); the HF model directory is `config.out`.
     """
-    from prm_ray.bootstrap import BootstrapConfig, EvalConfig, bootstrap
     from prm_ray.policy import ModelShape
+    from prm_ray.policy.bootstrap import BootstrapConfig, PolicyEvalConfig, bootstrap
     from prm_ray.tasks.arith import ArithConfig
 
     cfg = BootstrapConfig(
@@ -67,7 +84,7 @@ def tiny_trained_policy(tmp_path_factory):
         model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                          max_position_embeddings=128),
         train_problems=500, steps=60, batch_size=16, lr=1e-2,
-        eval=EvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
+        eval=PolicyEvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
     )
     return cfg, bootstrap(cfg, progress=False)
 
@@ -76,7 +93,7 @@ def tiny_trained_policy(tmp_path_factory):
 def tiny_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
     """Real rollouts of the tiny trained policy (6 validation instructions x 4, 3 shards), made
     once: a vLLM engine start costs ~30 s here. Returns (out dir, summary). Do not write into it."""
-    from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts
+    from prm_ray.stages.rollout import RolloutConfig, SamplingConfig, run_rollouts
     from prm_ray.tasks.arith import ArithConfig
 
     out = tmp_path_factory.mktemp("rollouts") / "clean"
@@ -84,3 +101,46 @@ def tiny_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
                         shard_size=2, sampling=SamplingConfig(n=4, max_tokens=48), arith=ArithConfig(**TINY_ARITH),
                         progress=False)
     return out, run_rollouts(cfg)
+
+
+def tiny_study(policy: str, runs: Path) -> dict:
+    """A scale_responses study small enough for a test (its training rollouts are the ones
+    `tiny_train_rollouts` makes, so the study reuses them)."""
+    roll = {"arith": TINY_ARITH, "sampling": {"max_tokens": 48}}
+    return {
+        "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4],
+        "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
+        "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
+        "train": {"beta": 0.5, "lr": 3e-3, "epochs": 2, "global_batch_size": 16, "micro_batch_size": 8,
+                  "workers": {"replicas": 1, "num_cpus": 0.5}, "warmup_ratio": 0.0, "use_reference": True},
+        # With the reference at training and inference (not the study default): exercises the
+        # shared reference passes of the training and the test responses.
+        "eval": {"replicas": 1, "batch_size": 32, "use_reference": True, "dtype": "float32"},
+    }
+
+
+@pytest.fixture(scope="session")
+def study_runs(tmp_path_factory) -> Path:
+    """One runs_dir for the session's studies: they reuse each other's (and the training tests')
+    rollouts and PRMs."""
+    return tmp_path_factory.mktemp("study_runs")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_rollouts(tiny_trained_policy, ray_session, study_runs) -> Path:
+    """Real rollouts of the tiny trained policy, 48 train instructions x 4, made once where the tiny
+    study keeps its training rollouts (an engine start and 192 samples saved there)."""
+    import copy
+
+    from prm_ray.config import from_dict
+    from prm_ray.stages.rollout import run_rollouts
+    from prm_ray.study import ScaleResponsesConfig
+    from prm_ray.study.specs import rollout_dir
+
+    cfg = from_dict(ScaleResponsesConfig, tiny_study(tiny_trained_policy[0].out, study_runs))
+    rc = copy.deepcopy(cfg.train_rollouts)
+    rc.model, rc.progress = cfg.policy, False
+    out = rollout_dir(cfg, rc)
+    rc.out = str(out)
+    run_rollouts(rc)
+    return out

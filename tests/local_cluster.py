@@ -126,12 +126,12 @@ class LocalHead:
             self.cmd.append(f"--autoscaling-config={path}")
             self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
 
-    def launch(self) -> "LocalHead":
+    def launch(self) -> LocalHead:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         return self
 
-    def wait(self) -> "LocalHead":
+    def wait(self) -> LocalHead:
         out, _ = self.proc.communicate(timeout=180)
         if self.proc.returncode != 0:
             raise RuntimeError(f"ray start failed ({self.proc.returncode}):\n{out}")
@@ -163,8 +163,8 @@ class ScriptedSampler:
 def autoscaling_stages(spec: dict) -> dict:
     import ray
 
-    from prm_ray.evaluate import EvaluateConfig, reference_logprobs
-    from prm_ray.rollout import EngineConfig, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
+    from prm_ray.stages.evaluate import EvaluateConfig, reference_logprobs
+    from prm_ray.stages.rollout import EngineConfig, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
     from prm_ray.tasks.arith import ArithConfig
 
     head_id = ray.get_runtime_context().get_node_id()
@@ -195,7 +195,7 @@ def write_rollouts(out: Path) -> None:
     """A rollout dataset in the pipeline's schema, a right and a wrong answer per instruction."""
     import pyarrow.parquet as pq
 
-    from prm_ray.rollout import SCHEMA
+    from prm_ray.stages.rollout import SCHEMA
 
     rows = []
     for i in range(8):
@@ -219,9 +219,9 @@ def submit_job(head: LocalHead, spec: dict) -> str:
         [RAY, "job", "submit", "--no-wait", "--address", head.dashboard_url, "--working-dir", spec["repo"],
          "--submission-id", sid, "--", "python", "jobs/train_prm.py",
          "--data", str(work / "job-rollouts"), "--model", spec["policy"], "--out", str(work / "prm"),
-         "--storage_path", str(work / "storage"), "--dataset.objective", "ce", "--num_workers", "1",
-         "--cpus_per_worker", "0.5", "--global_batch_size", "8", "--micro_batch_size", "4",
-         "--max_steps", "1", "--checkpoint_every", "1000", "--ref_pass.replicas", "1"],
+         "--storage_path", str(work / "storage"), "--dataset.objective", "ce", "--workers.replicas", "1",
+         "--workers.num_cpus", "0.5", "--global_batch_size", "8", "--micro_batch_size", "4",
+         "--max_optimizer_steps", "1", "--checkpoint_every", "1000", "--ref_pass.replicas", "1"],
         check=True, capture_output=True, text=True, timeout=120)
     return sid
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prm_ray.bootstrap import POLICY_CARD, bootstrap
-from prm_ray.policy import render_prompt
+from prm_ray.artifacts import POLICY_CARD
+from prm_ray.policy.bootstrap import bootstrap
+from prm_ray.tokens import render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_finished_policy_is_reused_not_retrained(card, small_cfg):
 def test_temperature_calibration_picks_the_candidate_closest_to_target(tiny_trained_policy, tmp_path):
     from dataclasses import replace
 
-    from prm_ray.bootstrap import calibrate_temperature
+    from prm_ray.policy.bootstrap import calibrate_temperature
     from prm_ray.tasks.arith import ArithTask
 
     cfg = tiny_trained_policy[0]

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from prm_ray.cluster import autoscaler_config, load_config, main, node_types, plan
+from prm_ray.artifacts import run_exists, train_run_location
 from prm_ray.config import ConfigError
-from prm_ray.storage import run_exists, train_run_location
+from prm_ray.resources import autoscaler_config, node_types, plan
+from prm_ray.study.preflight import load_config, main
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -113,7 +114,7 @@ def test_paper_config_is_the_papers_setting_with_gpus():
     from prm_ray.study import ScaleResponsesConfig
 
     cfg = from_dict(ScaleResponsesConfig, load_yaml(PAPER_CONFIG))
-    assert cfg.policy.endswith("Llama-3.1-8B-Instruct") and cfg.reference is None  # policy = reference
+    assert cfg.policy.endswith("Llama-3.1-8B-Instruct") and cfg.reference_model is None  # policy = reference
     t = cfg.train
     assert (t.beta, t.lr, t.global_batch_size, t.epochs) == (0.05, 5e-7, 64, 1)
     assert cfg.train_rollouts.sampling.n == 8 and cfg.train_rollouts.limit is None
@@ -122,7 +123,7 @@ def test_paper_config_is_the_papers_setting_with_gpus():
     assert tr.sampling.n == 64 and max(cfg.eval.ns or [tr.sampling.n]) == 64
     for rc in (cfg.train_rollouts, tr):
         assert rc.engine.num_gpus == 1 and rc.engine.accelerator_type == "L40S"
-    assert t.use_gpu and t.accelerator_type == "A100" and t.strategy == "fsdp"
+    assert t.workers.num_gpus > 0 and t.workers.accelerator_type == "A100" and t.strategy == "fsdp"
     assert t.ref_pass.num_gpus == 1 and cfg.eval.num_gpus == 1
     assert Path(cfg.runs_dir).is_absolute()
 
@@ -141,7 +142,7 @@ def test_plan_names_what_can_never_be_scheduled(tmp_path, capsys):
     data = yaml.safe_load(PAPER_CONFIG.read_text())
     data["runs_dir"] = "runs"
     data["train_rollouts"]["engine"].update(num_gpus=2, tensor_parallel_size=2)  # 1-GPU L40S nodes
-    data["train"]["num_workers"] = 16  # one 8-GPU node at most
+    data["train"]["workers"]["replicas"] = 16  # one 8-GPU node at most
     data["eval"]["accelerator_type"] = "H100"
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -156,7 +157,7 @@ def test_plan_names_what_can_never_be_scheduled(tmp_path, capsys):
 
 
 def test_tensor_parallel_replicas_must_hold_their_gpus():
-    from prm_ray.rollout import EngineConfig, RolloutConfig
+    from prm_ray.stages.rollout import EngineConfig, RolloutConfig
 
     with pytest.raises(ConfigError, match=r"engine.num_gpus \(1\) must equal engine.tensor_parallel_size \(2\)"):
         RolloutConfig(engine=EngineConfig(num_gpus=1, tensor_parallel_size=2))
@@ -167,7 +168,9 @@ def test_tensor_parallel_replicas_must_hold_their_gpus():
 def test_reference_pass_asks_ray_data_for_its_accelerator_type(monkeypatch, tmp_path):
     import ray.data
 
-    from prm_ray.train import RefPassConfig, TrainConfig, add_reference_logprobs
+    from prm_ray.stages.logprobs import LogprobPassConfig
+    from prm_ray.stages.train import TrainConfig
+    from prm_ray.stages.train.driver import add_reference_logprobs
 
     calls = []
 
@@ -187,7 +190,7 @@ def test_reference_pass_asks_ray_data_for_its_accelerator_type(monkeypatch, tmp_
 
     monkeypatch.setattr(ray.data, "from_arrow", Recorder)
     examples = pa.table({"prompt": ["1+1"], "response": ["2"], "label": [1.0]})
-    add_reference_logprobs(examples, TrainConfig(ref_pass=RefPassConfig(num_gpus=1, accelerator_type="A10G")),
+    add_reference_logprobs(examples, TrainConfig(ref_pass=LogprobPassConfig(num_gpus=1, accelerator_type="A10G")),
                            tmp_path)
     assert calls[0]["accelerator_type"] == "A10G" and calls[0]["num_gpus"] == 1
 
@@ -243,7 +246,7 @@ def test_autoscaler_adds_a_gpu_node_and_the_gpu_stages_run_there(cluster_run):
     gpu_nodes = {nid for nid, n in a["nodes"].items() if n["resources"].get("accelerator_type:L40S")}
     assert gpu_nodes and a["head"] not in gpu_nodes
     samplers = [nid for cls, nids in a["actors"].items() if "ScriptedSampler" in cls for nid in nids]
-    scorers = [nid for cls, nids in a["actors"].items() if "_Scorer" in cls for nid in nids]
+    scorers = [nid for cls, nids in a["actors"].items() if "ModelPass" in cls for nid in nids]
     verifiers = [nid for cls, nids in a["actors"].items() if "Verifier" in cls for nid in nids]
     assert samplers and set(samplers) <= gpu_nodes, a["actors"]
     assert scorers and set(scorers) <= gpu_nodes, a["actors"]

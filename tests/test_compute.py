@@ -2,8 +2,11 @@
 
 from transformers import LlamaForCausalLM
 
-from prm_ray.compute import count_parameters, forward_flops, measure, prompt_token_counts, stage, total_flops, train_flops
+from prm_ray.core.flops import forward_flops, stage, total_flops, train_flops
+from prm_ray.models import count_parameters
 from prm_ray.policy import ModelShape, build_char_tokenizer
+from prm_ray.stages.runtime import measure
+from prm_ray.tokens import prompt_token_counts
 
 
 def test_parameter_count_and_flops_of_a_known_llama(tmp_path):

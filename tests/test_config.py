@@ -3,17 +3,18 @@
 import pytest
 import yaml
 
-from prm_ray.bootstrap import BootstrapConfig
-from prm_ray.config import ConfigError, from_dict, parse_args, save_config, to_dict
+from prm_ray.cli import parse_args
+from prm_ray.config import ConfigError, from_dict, save_config, to_dict
+from prm_ray.policy.bootstrap import BootstrapConfig
 
 
 def test_cli_overrides_yaml_and_nested_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"steps": 10, "arith": {"max_steps": 4}, "eval": {"temperature": 0.7}}))
     cfg = parse_args(BootstrapConfig, ["--config", str(path), "--steps", "20", "--arith.modulus", "null",
-                                       "--force", "--bf16", "false"])
+                                       "--overwrite", "--bf16", "false"])
     assert cfg.steps == 20 and cfg.arith.max_steps == 4 and cfg.arith.modulus is None
-    assert cfg.eval.temperature == 0.7 and cfg.force is True and cfg.bf16 is False
+    assert cfg.eval.temperature == 0.7 and cfg.overwrite is True and cfg.bf16 is False
 
 
 def test_resolved_config_round_trips(tmp_path):

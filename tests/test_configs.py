@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from prm_ray.config import from_dict, load_yaml
-from prm_ray.rollout import RolloutConfig
-from prm_ray.train import TrainConfig
+from prm_ray.stages.rollout import RolloutConfig
+from prm_ray.stages.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

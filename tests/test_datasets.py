@@ -15,16 +15,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from prm_ray.artifacts import load_rollouts
 from prm_ray.config import ConfigError, from_dict
-from prm_ray.datasets import (
-    OBJECTIVE_PAIRED,
-    STEP_LABEL_COLUMNS,
+from prm_ray.core.objectives import OBJECTIVES
+from prm_ray.stages.train.examples import (
     DatasetConfig,
     build_examples,
     describe,
-    load_rollouts,
     output_schema,
 )
+
+OBJECTIVE_PAIRED = {name: obj.paired for name, obj in OBJECTIVES.items()}
+STEP_LABEL_COLUMNS = {name: obj.step_labels for name, obj in OBJECTIVES.items() if obj.explicit}
 
 # status codes: c = ok & correct, w = ok & wrong, n = no_answer, t = timeout, e = error
 _STATUS = {"c": ("ok", True), "w": ("ok", False), "n": ("no_answer", False),
@@ -370,18 +372,6 @@ def test_empty_input_gives_empty_tables():
         assert out.num_rows == 0 and report["rows"] == 0
 
 
-# --------------------------------------------------------------------------------------------
-# agreement with the loss registry (imports torch)
-# --------------------------------------------------------------------------------------------
-
-
-def test_objective_table_matches_the_loss_registry():
-    pytest.importorskip("torch")
-    from prm_ray.losses import OBJECTIVES
-
-    assert {name: obj.paired for name, obj in OBJECTIVES.items()} == OBJECTIVE_PAIRED
-
-
 def test_step_label_objectives_take_the_labels_of_the_rows_they_keep():
     table = make_rollouts(PAIR_SPEC)
     labels = [[1.0] * (1 + i % 3) + [float(i % 2)] for i in range(table.num_rows)]
@@ -407,7 +397,7 @@ def test_step_label_objectives_take_the_labels_of_the_rows_they_keep():
 
 
 def test_selected_rows_are_the_rows_the_examples_come_from():
-    from prm_ray.datasets import selected_rows
+    from prm_ray.stages.train.examples import selected_rows
 
     table = make_rollouts(BAL_SPEC, shuffle_seed=3)
     for kw in (dict(), dict(responses_per_instruction=2), dict(instruction_fraction=0.5, seed=4)):

@@ -1,15 +1,16 @@
 """The Ray Data scoring pass equals in-process ImplicitPRM.score; metrics come out of it."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from prm_ray.config import ConfigError
-from prm_ray.evaluate import EvaluateConfig, evaluate_prm, problems_from_scores, reference_logprobs
-from prm_ray.prm import ImplicitPRM
-from prm_ray.reward import AGGREGATIONS
+from prm_ray.core.reward import AGGREGATIONS
+from prm_ray.scoring import ImplicitPRM
+from prm_ray.stages.evaluate import EvaluateConfig, evaluate_prm, problems_from_scores, reference_logprobs
 
 RESPONSES = [
     "Step 1: 3+4 = 7\n\nStep 2: 7*2 = 4\n\nThe answer is \\boxed{4}",
@@ -41,7 +42,7 @@ def _expected(prm_path, ref_path, table, beta, aggregation):
 
 @pytest.mark.parametrize("use_ref", [True, False])
 def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_path, ray_session, tmp_path, use_ref):
-    cfg = EvaluateConfig(reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1)
+    cfg = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1)
     data = rollouts
     if use_ref:
         info = reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg)
@@ -64,8 +65,8 @@ def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_pa
             assert row["num_tokens"] == w.num_tokens
     # Re-running with the same inputs reuses the result; another config recomputes it.
     assert evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)["reused"]
-    other = EvaluateConfig(reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random")
-    assert not evaluate_prm(tiny_prm_path, data, tmp_path / "eval", other, beta=0.3)["reused"]
+    other = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random")
+    assert not evaluate_prm(tiny_prm_path, data, tmp_path / "eval", other, beta=0.3, overwrite=True)["reused"]
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"]["bon@4"] == pytest.approx(
         _bon_by_hand(problems_from_scores(tmp_path / "eval" / "scores")), abs=1e-12)
@@ -78,6 +79,40 @@ def _bon_by_hand(problems):
         tied = [c for c, s in zip(p["correct"], p["scores"]) if s == best]
         total += sum(tied) / len(tied)
     return total / len(problems)
+
+
+class _Double:
+    def __call__(self, batch):
+        return batch.set_column(0, "x", pa.array([2 * v for v in batch.column("x").to_pylist()]))
+
+
+def test_actor_pools_use_current_ray_data_apis_and_keep_logs_quiet(ray_session):
+    """Every stage's actor pool goes through map_actors: no deprecated ``concurrency=`` (Ray Data
+    warns on every pass), and in a redirected log one progress line a minute instead of a block
+    every 10 s."""
+    import logging
+
+    import ray.data
+
+    from prm_ray.resources import Resources
+    from prm_ray.stages.runtime import init_ray, map_actors
+
+    init_ray()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("ray.data._internal.util")
+    logger.addHandler(handler)
+    try:
+        ds = map_actors(ray.data.from_items([{"x": i} for i in range(4)]), _Double, Resources(num_cpus=0.5),
+                        stage="test", constructor_kwargs={}, batch_size=2)
+        assert sorted(r["x"] for r in ds.take_all()) == [0, 2, 4, 6]
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "deprecated" in m], seen
+    # pytest's stdout is no terminal
+    assert ray.data.DataContext.get_current().enable_operator_progress_bars is False
+    assert os.environ["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] == "60"
 
 
 def test_scoring_without_cached_reference_is_refused(rollouts, tiny_prm_path, ray_session, tmp_path):

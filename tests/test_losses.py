@@ -7,16 +7,14 @@ import math
 import pytest
 import torch
 
-from prm_ray.losses import (
-    OBJECTIVES,
+from prm_ray.core.losses import (
     ce_loss,
     dpo_loss,
-    get_objective,
     kto_loss,
-    kto_mismatched_indices,
     kto_reference_point,
     nca_loss,
 )
+from prm_ray.core.objectives import OBJECTIVES, get_objective
 
 T = torch.tensor
 
@@ -80,15 +78,6 @@ def test_kto_reference_point_clamps_and_detaches():
     assert r.grad is not None
 
 
-def test_kto_mismatched_indices_match_trl_rotation():
-    # TRL: completions [c0, c1, c2] -> [c2, c0, c1], i.e. prompt i gets completion i-1
-    assert kto_mismatched_indices(3) == [2, 0, 1]
-    assert kto_mismatched_indices(2) == [1, 0]
-    assert all(i != j for i, j in enumerate(kto_mismatched_indices(5)))
-    with pytest.raises(ValueError):
-        kto_mismatched_indices(1)
-
-
 def _grad(fn, *xs):
     ts = [T([x], dtype=torch.float64, requires_grad=True) for x in xs]
     fn(*ts).backward()
@@ -119,7 +108,7 @@ def test_registry_and_errors():
 
 
 def test_step_label_loss_hand_numbers_and_masking():
-    from prm_ray.losses import step_label_loss
+    from prm_ray.core.losses import step_label_loss
 
     z = torch.tensor([[0.0, 2.0, 5.0], [-1.0, 9.0, 9.0]])
     labels = torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 1.0]])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from prm_ray.deadline_pool import DeadlinePool, JobStatus, PoolStartupError
 from prm_ray.tasks import get_task
 from prm_ray.tasks.base import Instruction, VerifyStatus
+from prm_ray.tasks.deadline_pool import DeadlinePool, JobStatus, PoolStartupError
 from prm_ray.tasks.math import DEFAULT_PROMPT_SUFFIX, MathTask, _normalise, verify_answer
 
 # Golds that math-verify 0.9.0 cannot verify against themselves, with the reason. Empty: all 500

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from prm_ray.metrics import (
+from prm_ray.core.metrics import (
     best_of_n,
     default_ns,
     evaluate_problems,

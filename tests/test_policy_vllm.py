@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm import LLM, SamplingParams
 
-from prm_ray.policy import render_prompt
-from prm_ray.rollout import EngineConfig, llm_kwargs
-from prm_ray.reward import response_logprobs
+from prm_ray.core.reward import response_logprobs
+from prm_ray.stages.rollout import EngineConfig, llm_kwargs
+from prm_ray.tokens import render_prompt
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prm_ray.policy import render_prompt
-from prm_ray.prm import ImplicitPRM, StepScores
+from prm_ray.scoring import ImplicitPRM, StepScores
+from prm_ray.tokens import render_prompt
 
 BETA = 0.5
 PROMPTS = ["What is 1+1?", "Add 2 and 3.", "x", "Compute 7*6.", "Say hi.", "Q?", "Sum 1..4"]

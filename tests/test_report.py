@@ -2,7 +2,7 @@
 
 import json
 
-from prm_ray.report import write_report
+from prm_ray.study.report import write_report
 
 
 def _metrics(bon: float) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prm_ray.reward import (
+from prm_ray.core.reward import (
     AGGREGATIONS,
     aggregate,
     implicit_reward,
@@ -94,7 +94,7 @@ def test_prop_3_1_q_is_exponential_average_of_outcome_reward(enumeration, beta):
         groups: dict[tuple, list[int]] = {}
         for row, s in enumerate(seqs):
             groups.setdefault(s[:t], []).append(row)
-        for prefix, rows in groups.items():
+        for rows in groups.values():
             rows_t = torch.tensor(rows)
             # log pi_ref(y | y_<=t) = sum of the reference's conditionals after position t
             log_p_cont = naive["ref"][rows_t, t:].sum(1)
@@ -310,7 +310,7 @@ def test_aggregate_empty_rows_and_unknown_method():
 
 
 def test_explicit_step_logits_read_each_step_s_last_token():
-    from prm_ray.reward import explicit_token_rewards, step_end_index, step_label_logits
+    from prm_ray.core.reward import explicit_token_rewards, step_end_index, step_label_logits
 
     # Two rows: prompt (-1) then steps; row 1 is shorter and right-padded.
     step_ids = torch.tensor([[-1, 0, 0, 1, 1, 1, 2], [-1, -1, 0, 1, 1, -1, -1]])

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_ARITH
 
 from prm_ray.config import ConfigError
-from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
+from prm_ray.stages.rollout import SCHEMA, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
 from prm_ray.tasks.arith import ArithConfig, ArithTask
 
 
@@ -172,8 +172,8 @@ def test_responses_leave_room_for_eos_within_the_model_context(tiny_trained_poli
     """max_tokens above the context is capped per request, so every response plus EOS still fits."""
     from transformers import AutoTokenizer
 
-    from prm_ray.policy import render_prompt
-    from prm_ray.rollout import EngineConfig
+    from prm_ray.stages.rollout import EngineConfig
+    from prm_ray.tokens import render_prompt
 
     policy = tiny_trained_policy[0].out
     out = tmp_path / "long"

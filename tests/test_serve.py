@@ -1,32 +1,24 @@
 """The scoring service (prm_ray.serve): HTTP results equal ImplicitPRM.score, bad input is a 4xx
 naming the field, concurrent clients all get answers.
 
-One Serve application for the module on the session's Ray (tiny random Llamas from conftest),
-shut down at the end so other modules see no Serve.
+One Serve application for the module on the session's Serve (tiny random Llamas from conftest),
+deleted at the end so its replica's CPUs return to the other modules.
 """
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from prm_ray.artifacts import PRM_CARD
 from prm_ray.config import ConfigError
-from prm_ray.prm import ImplicitPRM
-from prm_ray.serve import (
-    PRM_CARD,
-    BatchScorer,
-    InvalidRequest,
-    ScoreJob,
-    ServeConfig,
-    app_builder,
-    build_app,
-    checkpoint_beta,
-    field_name,
-    weighted_vote,
-)
+from prm_ray.scoring import ImplicitPRM
+from prm_ray.serve import ServeConfig, app_builder, build_app
+from prm_ray.serve.batcher import BatchScorer, ScoreJob
+from prm_ray.serve.config import checkpoint_beta
+from prm_ray.serve.schemas import InvalidRequest, field_name, weighted_vote
 
 BETA = 0.5
 TOKEN = "test-token-123"
@@ -45,25 +37,17 @@ RESPONSES = [
 LONG_PROMPT = "Compute left to right, mod 10, one step per line. " * 2 + "7+5*3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prm(tiny_prm_path, tiny_policy_path) -> ImplicitPRM:
     return ImplicitPRM.from_pretrained(tiny_prm_path, ref_path=tiny_policy_path, beta=BETA)
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tiny_prm_path, tiny_policy_path):
-    """(base url, handle) of one scorer; serve.shutdown() afterwards."""
+def service(serve_instance, tiny_prm_path, tiny_policy_path):
+    """(base url, handle) of one scorer; its application is deleted afterwards."""
     from ray import serve
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeConfig(prm=tiny_prm_path, ref=tiny_policy_path, beta=BETA, max_batch_size=8,
+    cfg = ServeConfig(prm=tiny_prm_path, reference_model=tiny_policy_path, beta=BETA, max_batch_size=8,
                       batch_wait_timeout_s=0.01, max_responses=MAX_RESPONSES, max_chars=MAX_CHARS,
                       num_cpus=0.5, auth_token_env=TOKEN_ENV, name="prm-scorer-test")
     os.environ[TOKEN_ENV] = TOKEN  # read by build_app (the replica gets only its hash)
@@ -71,8 +55,8 @@ def service(ray_session, tiny_prm_path, tiny_policy_path):
         handle = serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
     finally:
         del os.environ[TOKEN_ENV]
-    yield f"http://127.0.0.1:{port}", handle
-    serve.shutdown()
+    yield serve_instance, handle
+    serve.delete(cfg.name)
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +264,16 @@ def test_concurrent_clients_all_answered(service, prm):
             assert len(res.json()["results"]) == len(RESPONSES)
         else:
             _assert_same(res.json(), want[k])
+
+
+def test_the_handle_is_found_whatever_the_application_is_called(service, prm):
+    """`serve run prm_ray.serve:app_builder` names the application "default"; scorer_handle finds
+    the scorer by its deployment either way."""
+    from prm_ray.serve import scorer_handle
+
+    got = scorer_handle().score.remote(prompt=PROMPTS[1], response=RESPONSES[1]).result(timeout_s=60)
+    _assert_same(got, prm.score([PROMPTS[1]], [RESPONSES[1]])[0])
+    assert scorer_handle("prm-scorer-test").health.remote().result(timeout_s=60)["status"] == "ok"
 
 
 def test_python_handle(service, prm):

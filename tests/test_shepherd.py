@@ -14,10 +14,8 @@ import pytest
 from conftest import TINY_ARITH
 
 from prm_ray.config import ConfigError, from_dict, to_dict
-from prm_ray.policy import render_prompt
-from prm_ray.prm import encode_pair
-from prm_ray.rollout import SCHEMA, RolloutConfig, SamplingConfig, sample_seed
-from prm_ray.shepherd import (
+from prm_ray.stages.rollout import SCHEMA, RolloutConfig, SamplingConfig, sample_seed
+from prm_ray.stages.shepherd import (
     LABEL_SCHEMA,
     ShepherdConfig,
     ShepherdSampler,
@@ -25,6 +23,7 @@ from prm_ray.shepherd import (
     run_shepherd,
 )
 from prm_ray.tasks.arith import ArithConfig, ArithTask
+from prm_ray.tokens import encode_pair, render_prompt
 
 K = 4
 
@@ -294,7 +293,7 @@ def test_cli_loads_the_config(tmp_path):
         import label_steps
     finally:
         sys.path.pop(0)
-    from prm_ray.config import parse_args
+    from prm_ray.cli import parse_args
 
     cfg = parse_args(ShepherdConfig, ["--rollouts", "r", "--k", "3", "--temperature", "0.5", "--max-tokens",
                                       "null", "--responses-per-instruction", "2"], aliases=label_steps.ALIASES)

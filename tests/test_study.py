@@ -6,36 +6,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARITH
+from conftest import tiny_study as _tiny
 
 from prm_ray.config import ConfigError, from_dict
 from prm_ray.study import (
     CompareBaselinesConfig,
     CompareObjectivesConfig,
-    compare_baselines_specs,
-    train_config,
+    ScaleInstructionsConfig,
     ScaleResponsesConfig,
+    compare_baselines_specs,
     compare_objectives_specs,
     scale_instructions_specs,
-    ScaleInstructionsConfig,
     scale_responses_specs,
+    train_config,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-
-
-def _tiny(policy: str, runs: Path) -> dict:
-    roll = {"arith": TINY_ARITH, "sampling": {"max_tokens": 48}}
-    return {
-        "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4],
-        "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
-        "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
-        "train": {"beta": 0.5, "lr": 3e-3, "epochs": 2, "global_batch_size": 16, "micro_batch_size": 8,
-                  "num_workers": 1, "cpus_per_worker": 0.5, "warmup_ratio": 0.0, "reference": True},
-        # With the reference at training and inference (not the study default): exercises the
-        # shared reference passes of the training and the test responses.
-        "eval": {"replicas": 1, "batch_size": 32, "reference": True, "dtype": "float32"},
-    }
 
 
 def test_study_configs_keep_their_own_nested_defaults():
@@ -72,9 +58,10 @@ def test_grids():
 
 
 @pytest.fixture(scope="module")
-def shared_runs(tmp_path_factory):
-    """One runs_dir for the module's studies: compare_baselines reuses scale_responses' rollouts and PRM."""
-    return tmp_path_factory.mktemp("study_runs")
+def shared_runs(study_runs, tiny_train_rollouts):
+    """The session's runs_dir: compare_baselines reuses scale_responses' rollouts and PRM, and both
+    reuse the training rollouts the training tests made."""
+    return study_runs
 
 
 def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_runs, tmp_path):
@@ -124,7 +111,8 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
-    from prm_ray.compute import count_parameters, prompt_token_counts
+    from prm_ray.models import count_parameters
+    from prm_ray.tokens import prompt_token_counts
 
     policy = tiny_trained_policy[0].out
     cfg = {**_tiny(policy, shared_runs), "objectives": ["ce"], "shepherd_labels": ["hard"],

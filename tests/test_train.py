@@ -4,31 +4,26 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARITH
 
-from prm_ray.datasets import DatasetConfig, load_rollouts
-from prm_ray.prm import ImplicitPRM
-from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts
-from prm_ray.tasks.arith import ArithConfig
-from prm_ray.train import TrainConfig, train_prm
+from prm_ray.artifacts import load_rollouts
+from prm_ray.resources import Resources
+from prm_ray.scoring import ImplicitPRM
+from prm_ray.stages.train import TrainConfig, train_prm
+from prm_ray.stages.train.examples import DatasetConfig
 
 
 @pytest.fixture(scope="module")
-def rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
+def rollouts(tiny_train_rollouts):
     """Real rollouts of the tiny trained policy: 48 train instructions x 4 samples."""
-    out = tmp_path_factory.mktemp("train_rollouts")
-    run_rollouts(RolloutConfig(model=tiny_trained_policy[0].out, out=str(out), task="arith", split="train",
-                               limit=48, shard_size=16, sampling=SamplingConfig(n=4, max_tokens=48),
-                               arith=ArithConfig(**TINY_ARITH), progress=False))
-    table = load_rollouts(out)
+    table = load_rollouts(tiny_train_rollouts)
     labels = table.column("correct").to_pylist()
     assert 0 < sum(labels) < len(labels), "the fixture needs both correct and incorrect responses"
-    return out
+    return tiny_train_rollouts
 
 
 def _cfg(policy, data, out, **kw):
     base = dict(data=str(data), model=policy, out=str(out), beta=0.5, lr=3e-3, epochs=1,
-                global_batch_size=16, micro_batch_size=4, num_workers=2, cpus_per_worker=0.5,
+                global_batch_size=16, micro_batch_size=4, workers=Resources(replicas=2, num_cpus=0.5),
                 checkpoint_every=1000, warmup_ratio=0.0)
     base.update(kw)
     return TrainConfig(**base)
@@ -38,7 +33,7 @@ def _cfg(policy, data, out, **kw):
 def ce_run(tiny_trained_policy, rollouts, tmp_path_factory):
     out = tmp_path_factory.mktemp("prm") / "ce"
     cfg = _cfg(tiny_trained_policy[0].out, rollouts, out, epochs=6)
-    return cfg, train_prm(cfg, progress=False)
+    return cfg, train_prm(cfg)
 
 
 def test_two_workers_lower_the_loss_and_separate_correct_from_incorrect(ce_run, rollouts, tiny_trained_policy):
@@ -60,17 +55,53 @@ def test_two_workers_lower_the_loss_and_separate_correct_from_incorrect(ce_run, 
     assert (Path(cfg.out) / "config.json").exists() and (Path(cfg.out) / "tokenizer.json").exists()
 
 
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of TensorBoard event files (TFRecord framing around tensorboardX's Event proto)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_every_steps_metrics_reach_tensorboard(ce_run):
+    cfg, report = ce_run
+    history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(Path(cfg.out) / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [h["step"] for h in history] == list(range(1, report["steps"] + 1))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert {"train/acc", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(scalars)
+
+
+def test_too_few_examples_for_one_batch_is_refused_before_the_reference_pass(tiny_trained_policy, rollouts, tmp_path):
+    cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / "big-batch", global_batch_size=4096)
+    with pytest.raises(ValueError, match="global_batch_size: 192 training examples are fewer than one global batch"):
+        train_prm(cfg)
+    assert not (tmp_path / "big-batch" / "examples").exists()  # the reference pass never ran
+
+
 def test_finished_run_is_not_retrained(ce_run):
     cfg, report = ce_run
-    again = train_prm(cfg, progress=False)
+    again = train_prm(cfg)
     assert again["reused"] is True and again["steps"] == report["steps"]
 
 
 @pytest.mark.parametrize("objective,reference", [("dpo", True), ("kto", True), ("nca", True), ("ce", False)])
 def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_policy, rollouts, tmp_path):
-    cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / objective, max_steps=2, epochs=4, num_workers=1,
-               cpus_per_worker=1.0, dataset=DatasetConfig(objective=objective), reference=reference)
-    report = train_prm(cfg, progress=False)
+    cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / objective, max_optimizer_steps=2, epochs=4,
+               workers=Resources(replicas=1, num_cpus=1.0), dataset=DatasetConfig(objective=objective),
+               use_reference=reference)
+    report = train_prm(cfg)
     assert report["status"] == "finished" and report["steps"] == 2
     m = report["final_metrics"]
     assert m["loss"] == m["loss"]  # not NaN
@@ -82,7 +113,7 @@ def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_po
 def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rollouts, tmp_path):
     cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / "failover", epochs=2, checkpoint_every=3,
                debug_kill_rank=1, debug_kill_at_step=8)
-    report = train_prm(cfg, progress=False)
+    report = train_prm(cfg)
     assert report["status"] == "finished"
     starts = [a["start_step"] for a in report["attempts"]]
     assert len(starts) == 2 and starts[0] == 0
@@ -97,9 +128,9 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     per-token cache of the rollouts (what a study computes once), which skips the pass entirely."""
     import pyarrow.parquet as pq
 
-    from prm_ray.datasets import build_examples
-    from prm_ray.evaluate import EvaluateConfig, reference_logprobs
-    from prm_ray.train import add_reference_logprobs
+    from prm_ray.stages.evaluate import EvaluateConfig, reference_logprobs
+    from prm_ray.stages.train.driver import add_reference_logprobs
+    from prm_ray.stages.train.examples import build_examples
 
     policy = tiny_trained_policy[0].out
     cfg = _cfg(policy, rollouts, tmp_path / "x", dataset=DatasetConfig(objective="dpo"))
@@ -121,12 +152,12 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     for col in ("ref_logp_chosen", "ref_logp_rejected"):
         assert cached.column(col).to_pylist() == pytest.approx(fresh.column(col).to_pylist(), abs=1e-4)
 
-    cfg.ref_model = str(tmp_path / "another-model")
+    cfg.reference_model = str(tmp_path / "another-model")
     with pytest.raises(ValueError, match="ref_cache"):
         add_reference_logprobs(examples, cfg, tmp_path / "wrong")
 
     # A cache in another dtype (the study's bf16 scoring) would train on other numbers: refused.
-    cfg.ref_model = None
+    cfg.reference_model = None
     reference_logprobs(rollouts, policy, tmp_path / "bf16", EvaluateConfig(dtype="bfloat16"))
     cfg.ref_cache = str(tmp_path / "bf16")
     with pytest.raises(ValueError, match="ref_cache: .* bfloat16"):
@@ -135,16 +166,16 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
 
 def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     """Ray Train workers run elsewhere: `--model artifacts/policy` must not become a hub lookup."""
-    from prm_ray.train import _absolute_paths
+    from prm_ray.stages.train.config import absolute_paths as _absolute_paths
 
     (tmp_path / "policy").mkdir()
     (tmp_path / "rollouts").mkdir()
     monkeypatch.chdir(tmp_path)
-    cfg = _absolute_paths(TrainConfig(data="rollouts", model="policy", ref_model="meta-llama/Llama-3.1-8B-Instruct",
-                                      out="runs/prm"))
+    cfg = _absolute_paths(TrainConfig(data="rollouts", model="policy",
+                                      reference_model="meta-llama/Llama-3.1-8B-Instruct", out="runs/prm"))
     assert cfg.data == str(tmp_path / "rollouts") and cfg.model == str(tmp_path / "policy")
     assert cfg.out == str(tmp_path / "runs" / "prm")
-    assert cfg.ref_model == "meta-llama/Llama-3.1-8B-Instruct"  # a hub id stays a hub id
+    assert cfg.reference_model == "meta-llama/Llama-3.1-8B-Instruct"  # a hub id stays a hub id
 
 
 def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
@@ -155,8 +186,9 @@ def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from prm_ray.evaluate import EvaluateConfig, evaluate_prm
-    from prm_ray.prm import ExplicitPRM, encode_pair, load_prm
+    from prm_ray.scoring import ExplicitPRM, load_prm
+    from prm_ray.stages.evaluate import EvaluateConfig, evaluate_prm
+    from prm_ray.tokens import encode_pair
 
     policy = tiny_trained_policy[0].out
     tok = AutoTokenizer.from_pretrained(policy)
@@ -175,7 +207,7 @@ def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
                    labelled / "shard-000000.parquet")
     cfg = _cfg(policy, labelled.parent, tmp_path / "ms", epochs=6, lr=3e-3,
                dataset=DatasetConfig(objective="math-shepherd-hard"))
-    report = train_prm(cfg, progress=False)
+    report = train_prm(cfg)
     assert report["status"] == "finished" and report["reference_pass"]["distinct_sequences"] == 0
     history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert sum(h["loss"] for h in history[-3:]) < 0.8 * sum(h["loss"] for h in history[:3])
@@ -189,9 +221,9 @@ def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
     neg = [w.score for w, r in zip(want, rows) if not r["correct"]]
     assert sum(pos) / len(pos) > sum(neg) / len(neg)  # min step probability ranks correct ones higher
     assert all(0 < p < 1 for w in want for p in w.step_rewards)
-    with pytest.raises(Exception, match="eval.reference"):
+    with pytest.raises(Exception, match="eval.use_reference"):
         evaluate_prm(cfg.out, rollouts, tmp_path / "eval-ref", EvaluateConfig(replicas=1))
-    ecfg = EvaluateConfig(reference=False, replicas=1, batch_size=32, micro_batch_size=5)
+    ecfg = EvaluateConfig(use_reference=False, replicas=1, batch_size=32, micro_batch_size=5)
     evaluate_prm(cfg.out, rollouts, tmp_path / "eval", ecfg)
     got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
     for w, r in zip(want, rows):

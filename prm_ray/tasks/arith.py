@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from prm_ray.config import param
 from prm_ray.tasks.base import Instruction, Task, Verdict, VerifyStatus, last_boxed
 
 SPLITS = ("train", "validation", "test")
@@ -38,19 +39,18 @@ _INT = re.compile(r"^[+-]?\d+$")
 class ArithConfig:
     """Difficulty knobs of the arithmetic world."""
 
-    min_steps: int = 2
-    max_steps: int = 5
-    operand_min: int = 0
-    operand_max: int = 9
-    ops: str = "+-*"
-    # Values are reduced mod `modulus` after every step; None = plain integers (then values must
-    # stay within [0, value_max], and `/` is allowed with exact division only).
-    modulus: int | None = 10
-    value_max: int = 99
-    num_train: int = 20000
-    num_validation: int = 500
-    num_test: int = 500
-    seed: int = 0
+    min_steps: int = param(2, "operations per problem, at least")
+    max_steps: int = param(5, "operations per problem, at most")
+    operand_min: int = param(0, "smallest operand")
+    operand_max: int = param(9, "largest operand")
+    ops: str = param("+-*", "the operators a problem may use (/ only without a modulus)")
+    modulus: int | None = param(10, "values are reduced mod this after every step; null: plain integers, kept "
+                                     "within [0, value_max], with exact division only")
+    value_max: int = param(99, "the largest value without a modulus")
+    num_train: int = param(20000, "problems in the train split")
+    num_validation: int = param(500, "problems in the validation split")
+    num_test: int = param(500, "problems in the test split")
+    seed: int = param(0, "the problem generator's seed")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:

@@ -26,6 +26,12 @@ class VerifyStatus(str, enum.Enum):
     ERROR = "error"  # the comparison raised (e.g. the gold answer does not parse)
 
 
+LABELLED = (VerifyStatus.OK.value, VerifyStatus.NO_ANSWER.value)
+"""Statuses with a trustworthy outcome label: ``ok`` (label = ``correct``) and ``no_answer`` (0)."""
+UNVERIFIABLE = (VerifyStatus.TIMEOUT.value, VerifyStatus.ERROR.value)
+"""Statuses with no trustworthy label (the verifier hit its deadline or raised): never trained on."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     correct: bool

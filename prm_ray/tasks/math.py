@@ -25,8 +25,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from prm_ray.deadline_pool import DeadlinePool, JobResult, JobStatus
+import pyarrow.parquet as pq
+
 from prm_ray.tasks.base import Instruction, Task, Verdict, VerifyStatus, last_boxed
+from prm_ray.tasks.deadline_pool import DeadlinePool, JobResult, JobStatus
 
 DEFAULT_PROMPT_SUFFIX = (
     "\n\nPlease reason step by step, separating steps with a blank line, "
@@ -62,6 +64,7 @@ def warm_up() -> None:
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> tuple[Any, ...]:
     """Parsed gold (cached: a problem's gold is compared with many sampled responses)."""
+    # math-verify and sympy load in the verification worker processes only (seconds of imports).
     from math_verify import parse
     from sympy import Basic, MatrixBase
 
@@ -83,7 +86,7 @@ def verify_answer(gold: str, pred: str) -> tuple[bool, str]:
     raises does not hide a later pair that matches, and if nothing matches the error surfaces
     instead of becoming a silent False.
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # in the worker processes only (see _parse_gold)
 
     gold_parsed = _parse_gold(gold)
     # `\boxed{...}` makes math-verify take the whole answer as LaTeX.
@@ -134,8 +137,6 @@ def _read_rows(path: Path) -> Iterator[tuple[int, str, dict[str, Any] | str]]:
             yield index, f"line {lineno}", row
             index += 1
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file

@@ -27,17 +27,14 @@ def main() -> None:
     out = Path(sys.argv[1])
     try:
         from prm_ray.stages.rollout import RolloutConfig, SamplingConfig, run_rollouts  # after the redesign
-        from prm_ray.resources import Resources  # noqa: F401
-        engine = {"dtype": "float32"}
     except ImportError:
         from prm_ray.rollout import RolloutConfig, SamplingConfig, run_rollouts  # 1a275c9
-        engine = {"dtype": "float32"}
     from prm_ray.config import from_dict, to_dict
 
     cfg = RolloutConfig(model=str(ROOT / "artifacts" / "policy"), out=str(out), split="test", limit=12,
                         shard_size=4, sampling=SamplingConfig(n=4, max_tokens=160), progress=False)
     data = to_dict(cfg)
-    data["engine"].update(engine)
+    data["engine"]["dtype"] = "float32"
     cfg = from_dict(RolloutConfig, data)
     run_rollouts(cfg)
     sha, n = digest(out)

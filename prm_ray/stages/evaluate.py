@@ -1,0 +1,193 @@
+"""Evaluate a PRM on held-out rollouts: score every response step by step with Ray Data, then
+best-of-N, weighted majority voting, majority voting and pass@k (:mod:`prm_ray.core.metrics`).
+
+Two passes of the same actor (:class:`prm_ray.stages.logprobs.ModelPass`) over the rollout Parquet:
+
+1. :func:`reference_logprobs`: the reference model's log-prob of every response token, computed
+   ONCE per held-out set and stored next to it; every PRM evaluated on that set reuses it (the
+   paper's eval code caches reference log-probs the same way).
+2. :func:`score`: the PRM's token rewards (``beta * (logp - ref_logp)``, eq. 3, or an explicit
+   PRM's step probabilities), step rewards, q-values and every aggregation, written as Parquet.
+
+The per-response numbers equal ``ImplicitPRM.score`` on the same (prompt, response) (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from prm_ray.artifacts import (
+    EVAL_CONFIG,
+    METRICS_FILE,
+    REF_DONE,
+    check_columns,
+    check_settings,
+    data_dir,
+    read_json,
+    read_prm_card,
+    write_json,
+)
+from prm_ray.config import ConfigError, param, save_config, to_dict
+from prm_ray.core.metrics import PROTOCOLS, evaluate_problems
+from prm_ray.core.reward import AGGREGATIONS
+from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass
+from prm_ray.stages.runtime import init_ray, map_actors
+
+__all__ = ["ROLLOUT_COLUMNS", "EvaluateConfig", "evaluate_prm", "metrics", "problems_from_scores",
+           "reference_logprobs", "score"]
+
+ROLLOUT_COLUMNS = ["instruction_id", "sample_index", "prompt", "response", "correct", "extracted_answer"]
+
+
+@dataclass
+class EvaluateConfig(LogprobPassConfig):
+    """How held-out rollouts are scored and which metrics are computed."""
+
+    section: ClassVar[str] = "eval."
+
+    aggregation: str = param("min", "the best-of-N score of a response: min (the paper), sum, last_q or mean "
+                                    "of its step rewards")
+    ns: list[int] | None = param(None, "the N of best-of-N and voting; null: 1, 2, 4, ... up to M (samples "
+                                       "per problem)")
+    protocol: str = param("first", "first: the first N of M samples (the paper) | random: the mean over "
+                                   "random N-subsets")
+    random_subsets: int = param(100, "subsets per N under protocol random")
+    seed: int = param(0, "seed of the random subsets")
+    vote_coef: float = param(0.001, "weighted voting weighs an answer by sigmoid(vote_coef x score); the "
+                                    "paper's eval code uses 0.001, not the training beta")
+    use_reference: bool = param(True, "score with the reference model's log-probs; false: beta x log pi_phi "
+                                      "only (paper Table 4, \"w/o ref\")")
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"eval.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.ns is not None and (not self.ns or min(self.ns) < 1):
+            raise ConfigError(f"eval.ns must be positive integers, got {self.ns}")
+        if self.random_subsets < 1:
+            raise ConfigError(f"eval.random_subsets must be >= 1, got {self.random_subsets}")
+        super().__post_init__()
+
+    def pass_config(self) -> LogprobPassConfig:
+        """The model-pass part of this config (what the reference pass of the same set runs with)."""
+        return LogprobPassConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LogprobPassConfig)})
+
+
+def _read(path: str | Path, columns: list[str], blocks: int) -> ray.data.Dataset:
+    src = Path(path)
+    src = data_dir(src) if data_dir(src).is_dir() else src
+    if not src.exists():
+        raise FileNotFoundError(f"no scored-data directory at {src}")
+    check_columns(pads.dataset(str(src), format="parquet").schema.names, columns, str(src))  # footers only
+    # Several blocks per replica: a single file is read as one block, which would feed a single
+    # actor and idle the others (a held-out set is small enough for this to be cheap).
+    return ray.data.read_parquet(str(src), columns=columns, file_extensions=["parquet"]).repartition(blocks)
+
+
+def _model_pass(ds: ray.data.Dataset, model: str, output: str, cfg: LogprobPassConfig, stage: str,
+                **kwargs) -> ray.data.Dataset:
+    return map_actors(ds, ModelPass, cfg, stage=stage, batch_size=cfg.batch_size, constructor_kwargs={
+        "model": model, "output": output, "dtype": cfg.dtype, "micro_batch_size": cfg.micro_batch_size,
+        "threads": cfg.torch_threads, "num_gpus": cfg.num_gpus, **kwargs})
+
+
+def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cfg: LogprobPassConfig, *,
+                       overwrite: bool = False) -> dict:
+    """Write the rollouts plus per-token reference log-probs (``ref_token_logp``) to ``out``.
+
+    A finished pass over the same rollouts, model and dtype is reused; one made with other
+    settings is refused (``overwrite`` replaces it).
+    """
+    out = Path(out)
+    key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
+    info = read_json(out / REF_DONE)
+    if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
+        return {**info, "reused": True}
+    init_ray()
+    t0 = time.time()
+    ds = _model_pass(_read(rollouts, ROLLOUT_COLUMNS, 4 * cfg.replicas), ref_model, "token_logp", cfg, "eval")
+    ds.write_parquet(str(data_dir(out)))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data_dir(out).glob("*.parquet"))
+    info = {"key": key, "rows": rows, "seconds": time.time() - t0}
+    write_json(out / REF_DONE, info)
+    return {**info, "reused": False}
+
+
+def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta: float) -> dict:
+    """Score every response of ``data`` (rollouts, with ``ref_token_logp`` when
+    ``cfg.use_reference``) with the PRM at ``prm``; Parquet rows of
+    :data:`prm_ray.stages.logprobs.SCORE_SCHEMA` in ``out``. Returns ``{"seconds", "rows"}``."""
+    t0 = time.time()
+    cols = ROLLOUT_COLUMNS + (["ref_token_logp"] if cfg.use_reference else [])
+    ds = _model_pass(_read(data, cols, 4 * cfg.replicas), prm, "scores", cfg, "eval", beta=beta,
+                     use_reference=cfg.use_reference)
+    ds.write_parquet(str(out))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(out).glob("*.parquet"))
+    return {"seconds": time.time() - t0, "rows": rows}
+
+
+def problems_from_scores(scores: str | Path | pa.Table, aggregation: str = "min") -> list[dict]:
+    """Group scored responses by instruction (sorted by sample_index) for ``prm_ray.core.metrics``."""
+    table = scores if isinstance(scores, pa.Table) else pads.dataset(str(scores), format="parquet").to_table(
+        columns=["instruction_id", "sample_index", "correct", "extracted_answer", f"score_{aggregation}"])
+    cols = table.to_pydict()
+    by: dict[str, list] = defaultdict(list)
+    for iid, j, c, a, s in zip(cols["instruction_id"], cols["sample_index"], cols["correct"],
+                               cols["extracted_answer"], cols[f"score_{aggregation}"]):
+        by[iid].append((j, bool(c), a, float(s)))
+    problems = []
+    for iid in sorted(by):
+        samples = sorted(by[iid])
+        idx = [s[0] for s in samples]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"instruction {iid!r} has duplicate sample_index values")
+        problems.append({"instruction_id": iid, "correct": [s[1] for s in samples],
+                         "answers": [s[2] for s in samples], "scores": [s[3] for s in samples]})
+    return problems
+
+
+def metrics(problems: list[dict], cfg: EvaluateConfig) -> dict[str, float]:
+    return evaluate_problems(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets,
+                             seed=cfg.seed, vote_coef=cfg.vote_coef)
+
+
+def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfig, *,
+                 beta: float | None = None, overwrite: bool = False) -> dict:
+    """Score ``data`` with the PRM at ``prm`` and compute every metric; writes ``<out>/metrics.json``
+    and ``<out>/scores/``. The same inputs and config reuse ``out``; other ones are refused
+    (``overwrite`` replaces them).
+
+    ``data``: rollouts with ``ref_token_logp`` (see :func:`reference_logprobs`) when
+    ``cfg.use_reference``, plain rollouts otherwise. ``beta`` defaults to the PRM card's.
+    """
+    out = Path(out)
+    card = read_prm_card(prm)
+    beta = float(beta if beta is not None else card.get("beta", 0.05))
+    if card.get("kind") == "explicit" and cfg.use_reference:
+        raise ConfigError(f"eval.use_reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
+                          "which has no reference model; set eval.use_reference false")
+    key = {"prm": str(Path(prm).resolve()), "data": str(Path(data).resolve()), "beta": beta, "config": to_dict(cfg)}
+    prev = read_json(out / METRICS_FILE)
+    if prev is not None and check_settings(out, prev["key"], key, what="an evaluation", overwrite=overwrite):
+        return {**prev, "reused": True}
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    scored = score(data, prm, out / "scores", cfg, beta)
+    problems = problems_from_scores(out / "scores", cfg.aggregation)
+    result = {"key": key, "metrics": metrics(problems, cfg), "problems": len(problems),
+              "samples_per_problem": len(problems[0]["correct"]), "score_seconds": scored["seconds"],
+              "responses": sum(len(p["correct"]) for p in problems)}
+    save_config(cfg, out / EVAL_CONFIG)
+    write_json(out / METRICS_FILE, result)
+    return {**result, "reused": False}

@@ -1,0 +1,139 @@
+"""One micro-batch of training, for any objective: rows -> implicit rewards (or step logits) -> loss.
+
+Pure PyTorch (``torch.distributed`` only for KTO's global reference point): the Ray Train worker
+loop (:mod:`prm_ray.stages.train.worker`) and the throughput benchmark call :func:`micro_batch_loss`.
+The objective comes from :mod:`prm_ray.core.objectives`; the reward is
+:func:`prm_ray.core.reward.sequence_reward` of the trained model's sequence log-probs and the
+reference's (precomputed once, before training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from prm_ray.core.losses import kto_reference_point
+from prm_ray.core.objectives import get_objective
+from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_logits
+from prm_ray.stages.train.config import TrainConfig
+from prm_ray.tokens import collate_items, encode_pair
+
+__all__ = ["StepContext", "micro_batch_loss", "reduce_stats", "sequence_logprobs"]
+
+STAT_KEYS = ("loss", "acc", "reward_correct", "reward_incorrect", "n_correct", "n_incorrect", "tokens")
+
+
+@dataclass
+class StepContext:
+    """What a micro-batch needs besides its rows: the model and how to tokenize and run it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    cfg: TrainConfig
+    max_length: int | None
+    pad_id: int
+    device: torch.device
+    autocast: bool
+    label_token_ids: tuple[int, int] | None = None  # explicit PRMs: the "+" / "-" token ids
+
+
+def sequence_logprobs(ctx: StepContext, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, int]:
+    """``log pi_phi(response | prompt)`` per row (response tokens, EOS included) and the tokens run."""
+    items = [encode_pair(ctx.tokenizer, p, r, max_length=ctx.max_length) for p, r in zip(prompts, responses)]
+    t = collate_items(items, ctx.pad_id)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+        lp = response_logprobs(ctx.model, t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device),
+                               t["response_mask"].to(ctx.device))
+    return lp.sum(-1).float(), int(t["attention_mask"].sum())
+
+
+def _step_label_loss(ctx: StepContext, rows: dict) -> tuple[torch.Tensor, dict]:
+    """An explicit PRM's micro-batch: step logits at each step's last token against step labels."""
+    items = [encode_pair(ctx.tokenizer, p, r, max_length=ctx.max_length) for p, r in zip(rows["prompt"], rows["response"])]
+    for it, labels, iid, j in zip(items, rows["step_labels"], rows["instruction_id"], rows["sample_index"]):
+        if len(it.steps) != len(labels):
+            raise ValueError(f"instruction {iid!r} sample {j}: {len(labels)} step labels but the response has "
+                             f"{len(it.steps)} steps for this tokenizer; label with the model being trained")
+    t = collate_items(items, ctx.pad_id)
+    num_steps = max(len(it.steps) for it in items)
+    labels = torch.zeros(len(items), num_steps, device=ctx.device)
+    for b, row in enumerate(rows["step_labels"]):
+        labels[b, : len(row)] = torch.tensor(row, device=ctx.device)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+        logits = ctx.model(input_ids=t["input_ids"].to(ctx.device),
+                           attention_mask=t["attention_mask"].to(ctx.device)).logits
+    z, mask = step_label_logits(logits.float(), t["step_ids"].to(ctx.device), *ctx.label_token_ids, num_steps)
+    loss = get_objective(ctx.cfg.dataset.objective).loss(z, labels, mask)
+    pos, neg = mask & (labels > 0.5), mask & (labels <= 0.5)
+    stats = {"acc": ((z > 0) == (labels > 0.5))[mask].float().mean().item(),
+             "reward_correct": z[pos].sum().item(), "reward_incorrect": z[neg].sum().item(),
+             "n_correct": int(pos.sum()), "n_incorrect": int(neg.sum()), "sums": True,
+             "tokens": int(t["attention_mask"].sum())}
+    return loss, stats
+
+
+def micro_batch_loss(ctx: StepContext, rows: dict) -> tuple[torch.Tensor, dict]:
+    """Loss and statistics of one micro-batch (a dict of columns), for any objective."""
+    cfg = ctx.cfg
+    objective = get_objective(cfg.dataset.objective)
+    if objective.explicit:
+        return _step_label_loss(ctx, rows)
+
+    def ref(col: str) -> torch.Tensor:
+        return torch.tensor(rows[col], dtype=torch.float32, device=ctx.device)
+
+    stats: dict[str, Any] = {}
+    if objective.paired:
+        n = len(rows["chosen"])
+        logp, ntok = sequence_logprobs(ctx, rows["prompt"] * 2, rows["chosen"] + rows["rejected"])
+        r_c = sequence_reward(logp[:n], ref("ref_logp_chosen"), cfg.beta)
+        r_r = sequence_reward(logp[n:], ref("ref_logp_rejected"), cfg.beta)
+        loss = objective.loss(r_c, r_r)
+        stats.update(acc=(r_c > r_r).float().mean().item(), reward_correct=r_c.mean().item(),
+                     reward_incorrect=r_r.mean().item(), n_correct=n, n_incorrect=n)
+    else:
+        logp, ntok = sequence_logprobs(ctx, rows["prompt"], rows["response"])
+        r = sequence_reward(logp, ref("ref_logp"), cfg.beta)
+        labels = torch.tensor(rows["label"], dtype=torch.float32, device=ctx.device)
+        if objective.needs_reference_point:
+            with torch.no_grad():
+                kl_logp, kl_tok = sequence_logprobs(ctx, rows["prompt"], rows["kl_response"])
+                ntok += kl_tok
+                kl_r = sequence_reward(kl_logp, ref("ref_logp_kl"), cfg.beta)
+                # Mean over the GLOBAL batch before the clamp, as KTO defines it.
+                total = torch.stack([kl_r.sum(), torch.tensor(float(kl_r.numel()), device=ctx.device)])
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(total)
+                z_ref = kto_reference_point(torch.full((1,), float(total[0] / total[1]), device=ctx.device))
+            loss = objective.loss(r, labels, z_ref, desirable_weight=cfg.kto_desirable_weight,
+                                  undesirable_weight=cfg.kto_undesirable_weight)
+        else:
+            loss = objective.loss(r, labels)
+        pos, neg = labels > 0.5, labels <= 0.5
+        stats.update(acc=((r > 0) == pos).float().mean().item(),
+                     reward_correct=r[pos].sum().item(), reward_incorrect=r[neg].sum().item(),
+                     n_correct=int(pos.sum()), n_incorrect=int(neg.sum()))
+        # Means are formed after summing over micro-batches (classes vary in size).
+        stats["sums"] = True
+    stats["tokens"] = ntok
+    return loss, stats
+
+
+def reduce_stats(stats: list[dict], world: int) -> dict:
+    """Average a step's micro-batch statistics over micro-batches and workers."""
+    vec = torch.tensor([[s[k] for k in STAT_KEYS] for s in stats], dtype=torch.float64).sum(0)
+    vec = torch.cat([vec, torch.tensor([len(stats)], dtype=torch.float64)])
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(vec)
+    d = dict(zip(STAT_KEYS + ("micro",), vec.tolist()))
+    out = {"loss": d["loss"] / d["micro"], "acc": d["acc"] / d["micro"], "tokens": d["tokens"]}
+    if stats[0].get("sums"):
+        out["reward_correct"] = d["reward_correct"] / d["n_correct"] if d["n_correct"] else None
+        out["reward_incorrect"] = d["reward_incorrect"] / d["n_incorrect"] if d["n_incorrect"] else None
+    else:
+        out["reward_correct"] = d["reward_correct"] / d["micro"]
+        out["reward_incorrect"] = d["reward_incorrect"] / d["micro"]
+    return out

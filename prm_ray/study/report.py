@@ -1,0 +1,295 @@
+"""A study's report: ``report.json`` (every number), ``report.md`` (the paper's table layout) and
+PNG plots. Every number in ``report.md`` is formatted from the same dict that ``report.json``
+holds, so the two cannot disagree."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from prm_ray.artifacts import write_json
+from prm_ray.core.objectives import OBJECTIVES
+
+__all__ = ["cost_ratios", "markdown", "write_report"]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _ns(report: dict) -> list[int]:
+    keys = report["baseline"].keys()
+    return sorted(int(k.split("@")[1]) for k in keys if k.startswith("bon@"))
+
+
+def _table(report: dict, kind: str, ns: list[int]) -> list[str]:
+    head = "| reward model | " + " | ".join(f"@{n}" for n in ns) + " |"
+    lines = [head, "|---|" + "---|" * len(ns)]
+    for r in report["results"]:
+        if r["metrics"] is None:
+            lines.append(f"| {r['name']} | " + " | ".join("n/a" for _ in ns) + " |")
+        else:
+            lines.append(f"| {r['name']} | " + " | ".join(_pct(r["metrics"][f"{kind}@{n}"]) for n in ns) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    ns = _ns(report)
+    base = report["baseline"]
+    n = report["headline_n"]
+    cfg = report["config"]
+    test = report["test"]
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"Study `{report['study']}`: {sum(r['metrics'] is not None for r in report['results'])} reward models "
+        f"trained (undefined rows: {sum(r['metrics'] is None for r in report['results'])}), evaluated on "
+        f"{test['problems']} held-out {test['task']} problems ({test['split']} split) x "
+        f"{test['samples_per_problem']} samples, protocol `{cfg['eval']['protocol']}`, aggregation "
+        f"`{cfg['eval']['aggregation']}`, weighted-vote coefficient {cfg['eval']['vote_coef']}. "
+        f"Training rollouts: {report['train_rollouts']['instructions']} instructions, "
+        f"{report['train_rollouts']['responses']} responses (pass@1 {_pct(report['train_rollouts']['pass@1'])}%). "
+        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters). Accuracy in %.",
+        "",
+        "## Summary",
+        "",
+        f"Policy alone on the test problems: pass@1 {_pct(base['pass@1'])}, majority@{n} "
+        f"{_pct(base[f'majority@{n}'])}, pass@{n} (oracle) {_pct(base[f'pass@{n}'])}"
+        + (f", best-of-{n} by the policy's own log-likelihood {_pct(report['baseline_likelihood'][f'bon@{n}'])}"
+           if report.get("baseline_likelihood") else "") + ".",
+        "",
+    ]
+    for r in report["results"]:
+        if r["metrics"] is None:
+            lines.append(f"- **{r['name']}**: not defined: {r['reason']}")
+            continue
+        m = r["metrics"]
+        cost = f"; build cost {_pf(r['compute']['build_flops'])} PFLOP" if r.get("compute") else ""
+        lines.append(f"- **{r['name']}**: best-of-{n} {_pct(m[f'bon@{n}'])} "
+                     f"({100 * (m[f'bon@{n}'] - base['pass@1']):+.1f} vs pass@1, "
+                     f"{100 * (m[f'bon@{n}'] - base[f'majority@{n}']):+.1f} vs majority@{n}); "
+                     f"weighted voting@{n} {_pct(m[f'weighted_mv@{n}'])}{cost}")
+    lines += ["", "## Best-of-N (rows: reward model; columns: N)", ""]
+    lines += _table(report, "bon", ns)
+    lik = report.get("baseline_likelihood")
+    if lik:
+        lines.append("| policy log-likelihood (no PRM) | " + " | ".join(_pct(lik[f"bon@{k}"]) for k in ns) + " |")
+    lines += ["| majority voting | " + " | ".join(_pct(base[f"majority@{k}"]) for k in ns) + " |",
+              "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _pct(base[f"pass@{k}"]) for k in ns) + " |",
+              "| pass@1 | " + " | ".join(_pct(base["pass@1"]) for _ in ns) + " |"]
+    lines += ["", "## Weighted majority voting", ""]
+    lines += _table(report, "weighted_mv", ns)
+    lines += ["", "![best-of-N](bon_vs_n.png)", "", "![scaling](scaling.png)", ""]
+    lines += ["## Training data per reward model", "",
+              "| reward model | objective | responses / instruction | instruction fraction | balance "
+              "| ref (train) | ref (inference) | lr | epochs | examples | steps |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        t = r.get("train") or {}
+        tr = {**(cfg.get("train") or {}), **(r.get("train_overrides") or {})}
+        lr = "-" if tr.get("lr") is None else f"{tr['lr']:g}"
+        lines.append(f"| {r['name']} | {r['objective']} | {r['responses_per_instruction']} | "
+                     f"{r['instruction_fraction']} | {r['balance']} | {r['reference']} | "
+                     f"{r['reference_at_inference']} | {lr} | {tr.get('epochs', '-')} | {t.get('examples', '-')} | "
+                     f"{t.get('steps', '-')} |")
+    lines += _compute_section(report)
+    lines += ["", "## Wall time and compute per stage", "",
+              "Compute is estimated as 2 x parameters x tokens for generation and scoring, 6 x parameters "
+              "x tokens for training (plus 2 x for the reference forward when trained with the reference). `reused`: finished by an earlier "
+              "run of this or another study, so this run's wall time is only the check.", "",
+              "| stage | wall s | reused | compute (PFLOP) |", "|---|---|---|---|"]
+    for s in report["stages"]:
+        fl = s.get("flops")
+        lines.append(f"| {s['stage']} | {s['wall_s']:.1f} | {s['reused']} | "
+                     f"{'-' if fl is None or not math.isfinite(fl) else f'{fl / 1e15:.4f}'} |")
+    lines += ["", f"Total wall time of this run: {report['wall_seconds']:.0f} s "
+              f"({report['wall_seconds'] / 60:.1f} min).", "",
+              "Seeds: " + ", ".join(f"{k} {v}" for k, v in report["seeds"].items()) + ". "
+              "The full resolved config is `config.yaml` next to this file.", ""]
+    return "\n".join(lines)
+
+
+def _explicit(row: dict) -> bool:
+    obj = OBJECTIVES.get(row["objective"])
+    return obj is not None and obj.explicit
+
+
+def _pf(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e15:.4f}"
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+COMPUTE_STAGES = ("generation", "verification", "step-label completions", "step-label verification",
+                  "reference log-probs", "training", "scoring")
+
+
+def cost_ratios(report: dict) -> list[dict]:
+    """Build cost (data collection + training FLOPs) of every Math-Shepherd PRM over every implicit
+    CE PRM of the report (the paper: about 38.8x)."""
+    rows = [r for r in report["results"] if r.get("compute")]
+    ms = [r for r in rows if _explicit(r)]
+    ce = [r for r in rows if r["objective"] == "ce"]
+    return [{"explicit": m["name"], "implicit": c["name"],
+             "ratio": m["compute"]["build_flops"] / c["compute"]["build_flops"]}
+            for m in ms for c in ce if c["compute"]["build_flops"] > 0]
+
+
+def _compute_section(report: dict) -> list[str]:
+    rows = [r for r in report["results"] if r.get("compute")]
+    if not rows:
+        return []
+    n = report["headline_n"]
+    lines = ["", "## Accuracy and compute per reward model", "",
+             "FLOPs are estimated from the policy's parameter count and the token counts of each stage: "
+             "2 x parameters per token for a forward pass (sampling, reference log-probs, scoring), 6 x for "
+             "training (`prm_ray/core/flops.py`). *Build* is everything needed to make the PRM (data collection "
+             "and training), the paper's cost; *total* adds scoring the held-out responses. Seconds: wall "
+             "(CPU) time measured for the stage, charged in proportion to the tokens a PRM uses of a shared "
+             "stage; `-` where the run that made it did not record it. PFLOP = 1e15 FLOPs.", ""]
+    ratios = cost_ratios(report)
+    for x in ratios:
+        lines.append(f"- **{x['explicit']}** costs **{x['ratio']:.1f}x** the build FLOPs of **{x['implicit']}**.")
+    if ratios:
+        lines.append("")
+    # Verification runs no model (0 FLOPs): its seconds and counts are in report.json.
+    present = [s for s in COMPUTE_STAGES if "verification" not in s and any(s in r["compute"]["stages"] for r in rows)]
+    lines.append(f"| reward model | best-of-{n} | " + " | ".join(f"{s} PFLOP" for s in present)
+                 + " | build PFLOP | total PFLOP | build wall s | build CPU s |")
+    lines.append("|---|---|" + "---|" * (len(present) + 4))
+    for r in rows:
+        c = r["compute"]
+        st = c["stages"]
+        # Verification seconds overlap generation (the same streaming pipeline): not added again.
+        timed = [v for k, v in st.items() if k not in ("scoring", "verification", "step-label verification")]
+        walls, cpus = [v.get("wall_s") for v in timed], [v.get("cpu_s") for v in timed]
+        wall = None if any(w is None for w in walls) else sum(walls)
+        cpu = None if any(x is None for x in cpus) else sum(cpus)
+        lines.append(f"| {r['name']} | {_pct(r['metrics'][f'bon@{n}'])} | "
+                     + " | ".join(_pf(st[s]["flops"]) if s in st else "-" for s in present)
+                     + f" | {_pf(c['build_flops'])} | {_pf(c['total_flops'])} | {_s(wall)} | {_s(cpu)} |")
+    lines += ["", "![accuracy vs compute](accuracy_vs_flops.png)", "", "![cost per stage](cost.png)"]
+    return lines
+
+
+def compute_plots(report: dict, out: Path) -> list[Path]:
+    """The paper's Figure 1 (accuracy against build FLOPs) and Figure 3 (cost per stage)."""
+    rows = [r for r in report["results"] if r.get("compute")]
+    if not rows:
+        return []
+    n = report["headline_n"]
+    base = report["baseline"]
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for r in rows:
+        explicit = _explicit(r)
+        x, y = r["compute"]["build_flops"], 100 * r["metrics"][f"bon@{n}"]
+        ax.scatter([x], [y], marker="s" if explicit else "o", s=60, color="#cc6677" if explicit else "#4477aa")
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
+    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
+    ax.set_xscale("log")
+    ax.set_xlabel("build FLOPs (data collection + training)")
+    ax.set_ylabel(f"best-of-{n} accuracy (%)")
+    ax.set_title("Accuracy against cost (circles: implicit PRM, squares: Math-Shepherd)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths = [out / "accuracy_vs_flops.png"]
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5))
+
+    ax = fig.subplots()
+    left = [0.0] * len(rows)
+    names = [r["name"] for r in rows]
+    for stage_name in COMPUTE_STAGES:
+        if stage_name == "scoring":
+            continue
+        vals = [r["compute"]["stages"].get(stage_name, {}).get("flops", 0.0) / 1e15 for r in rows]
+        if any(vals):
+            ax.barh(names, vals, left=left, label=stage_name)
+            left = [a + b for a, b in zip(left, vals)]
+    ax.invert_yaxis()
+    ax.set_xlabel("build PFLOP")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "cost.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def plots(report: dict, out: Path) -> list[Path]:
+    ns = _ns(report)
+    base = report["baseline"]
+    paths = []
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for r in report["results"]:
+        if r["metrics"] is not None:
+            ax.plot(ns, [100 * r["metrics"][f"bon@{n}"] for n in ns], marker="o", label=r["name"])
+    ax.plot(ns, [100 * base[f"majority@{n}"] for n in ns], "k--", label="majority voting")
+    if report.get("baseline_likelihood"):
+        lik = report["baseline_likelihood"]
+        ax.plot(ns, [100 * lik[f"bon@{n}"] for n in ns], color="grey", ls="-.", label="policy log-likelihood")
+    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (responses per problem)")
+    ax.set_ylabel("best-of-N accuracy (%)")
+    ax.set_title(report["title"], fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "bon_vs_n.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    n = report["headline_n"]
+    axis = report["axis"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    groups: dict[str, list] = {}
+    for r in report["results"]:
+        if r["metrics"] is not None and axis in r["axis"]:
+            groups.setdefault(r["axis"].get("series", r["objective"]), []).append(
+                (r["axis"][axis], 100 * r["metrics"][f"bon@{n}"]))
+    categorical = False
+    for name, pts in groups.items():
+        pts.sort(key=lambda p: (str(type(p[0])), p[0]))
+        categorical = categorical or any(isinstance(p[0], str) for p in pts)
+        ax.plot([str(p[0]) if categorical else p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
+    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"best-of-{n} accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "scaling.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = Figure(figsize=(7, 0.35 * len(report["stages"]) + 1.2))
+
+    ax = fig.subplots()
+    names = [s["stage"] for s in report["stages"]]
+    ax.barh(names, [s["wall_s"] for s in report["stages"]],
+            color=["#bbb" if s["reused"] else "#4477aa" for s in report["stages"]])
+    ax.invert_yaxis()
+    ax.set_xlabel("wall seconds this run (grey: reused)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    paths.append(out / "stages.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    plots(report, out)
+    compute_plots(report, out)
+    (out / "report.md").write_text(markdown(report) + "\n")

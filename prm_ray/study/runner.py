@@ -1,0 +1,332 @@
+"""The experiment runner of the paper's studies: policy -> rollouts -> PRMs -> evaluation -> report.
+
+A study is a list of :class:`PRMSpec` (what to train and how to score it) plus a shared setup
+(:class:`StudyConfig`); ``jobs/scale_responses.py`` and its siblings only build their grid and call
+:func:`run_study`. One function per stage below, each returning a typed record.
+
+Every stage is reused when its inputs are unchanged: rollouts live under
+``<runs_dir>/rollouts/<split>-<hash of their config>``, PRMs under
+``<runs_dir>/prms/<name>-<hash of their training settings>``, so two studies that need the same
+rollouts or the same PRM (e.g. CE with 8 responses per instruction) compute it once.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from prm_ray.artifacts import check_settings, data_dir, load_rollouts, read_json, write_json, write_timing
+from prm_ray.config import save_config, to_dict
+from prm_ray.core.flops import forward_flops
+from prm_ray.models import count_parameters
+from prm_ray.policy.bootstrap import bootstrap
+from prm_ray.stages.evaluate import evaluate_prm, metrics, problems_from_scores, reference_logprobs
+from prm_ray.stages.rollout import EngineConfig, RolloutConfig, VerifierConfig, run_rollouts
+from prm_ray.stages.runtime import init_ray, measure
+from prm_ray.stages.shepherd import run_shepherd
+from prm_ray.stages.train.driver import train_prm
+from prm_ray.study.accounting import RolloutTokens, prm_compute
+from prm_ray.study.report import write_report
+from prm_ray.study.specs import PRMSpec, StudyConfig, rollout_dir, stage_hash, train_config
+
+__all__ = ["RolloutSet", "StageRecord", "run_study"]
+
+Log = Callable[[str], Any]
+
+
+@dataclass
+class StageRecord:
+    """One line of the report's stage table: what ran, how long, whether it was reused, its FLOPs."""
+
+    stage: str
+    wall_s: float
+    reused: bool
+    cpu_s: float | None = None
+    flops: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stage": self.stage, "wall_s": self.wall_s, "reused": self.reused}
+        if self.cpu_s is not None:
+            out["cpu_s"] = self.cpu_s
+        if self.flops is not None:
+            out["flops"] = self.flops
+        return {**out, **self.details}
+
+
+@dataclass
+class RolloutSet:
+    """A finished rollout stage: where the rows are, their summary and token counts."""
+
+    path: Path
+    summary: dict
+    tokens: RolloutTokens
+    record: StageRecord
+
+
+@dataclass
+class LabelSet:
+    """The finished Math-Shepherd step labels of the training rollouts."""
+
+    path: Path
+    summary: dict
+    record: StageRecord
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_stage(cfg: StudyConfig, log: Log) -> StageRecord:
+    """The policy: shipped in the repo by default (then this costs nothing), else bootstrapped."""
+    t0 = time.time()
+    if cfg.bootstrap_if_missing and not (Path(cfg.policy) / "config.json").exists():
+        log(f"policy: none at {cfg.policy}; training the embedded default policy there (bootstrap)")
+        bcfg = copy.deepcopy(cfg.bootstrap)
+        bcfg.out = cfg.policy
+        card = bootstrap(bcfg)
+        return StageRecord("policy", time.time() - t0, False, details={"train_seconds": card["train"]["train_seconds"]})
+    return StageRecord("policy", time.time() - t0, True)
+
+
+def rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log: Log) -> RolloutSet:
+    rc = copy.deepcopy(rc)
+    rc.model = cfg.policy
+    rc.ray_address = cfg.ray_address or rc.ray_address
+    out = rollout_dir(cfg, rc)
+    rc.out = str(out)
+    log(f"{label}: {rc.limit} {rc.split} instructions x {rc.sampling.n} -> {out}")
+    with measure() as m:
+        summary = run_rollouts(rc)
+    tokens = RolloutTokens(out, cfg.policy)
+    record = StageRecord(
+        label, m["wall_s"], summary["this_run"]["shards_done"] == 0, cpu_s=m["cpu_s"],
+        flops=forward_flops(params, tokens.prompt_total + tokens.generated_total),
+        details={"prompt_tokens": tokens.prompt_total, "generated_tokens": tokens.generated_total,
+                 "instructions": summary["instructions"], "responses": summary["responses"],
+                 "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
+                 "verify_status": summary["verify_status"], "all_runs": summary.get("all_runs")})
+    return RolloutSet(out, summary, tokens, record)
+
+
+def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log) -> LabelSet:
+    """Math-Shepherd step labels of the training rollouts (``cfg.shepherd``), keyed like a rollout set."""
+    sc = copy.deepcopy(cfg.shepherd)
+    sc.rollouts, sc.model = str(train.path), cfg.policy
+    # Left at their defaults, the completions run on the training rollouts' engine and verifier
+    # pools: the same policy sampling the same kind of text (on a cluster: the GPU nodes).
+    if sc.engine == EngineConfig():
+        sc.engine = copy.deepcopy(cfg.train_rollouts.engine)
+    if sc.verifier == VerifierConfig():
+        sc.verifier = copy.deepcopy(cfg.train_rollouts.verifier)
+    sc.ray_address = cfg.ray_address or sc.ray_address
+    key = to_dict(sc)
+    for name in ("out", "progress", "overwrite"):
+        key.pop(name)
+    out = Path(cfg.runs_dir) / "shepherd" / f"{train.path.name}-{stage_hash(key)}"
+    sc.out = str(out)
+    log(f"Math-Shepherd labels: {sc.completions_per_step} completions per step of "
+        f"{sc.responses_per_instruction or 'all'} responses per instruction -> {out}")
+    with measure() as m:
+        summary = run_shepherd(sc)
+    lab = load_rollouts(out, columns=["completion_prompt_tokens", "completion_generated_tokens"])
+    prompt, generated = (sum(lab.column(c).to_pylist()) for c in lab.column_names)
+    record = StageRecord("Math-Shepherd step labels", m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
+                         flops=forward_flops(params, prompt + generated),
+                         details={"prompt_tokens": prompt, "generated_tokens": generated, "responses": lab.num_rows})
+    return LabelSet(out, summary, record)
+
+
+def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: str, params: int,
+                    log: Log) -> tuple[Path, StageRecord]:
+    """Per-token reference log-probs of a rollout set, computed once and read by every PRM."""
+    reference = cfg.reference_model or cfg.policy
+    out = rollouts.path / f"ref-logprobs-{stage_hash([reference, dtype])}"
+    log(f"reference log-probs of the {label} responses -> {out}")
+    info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype))
+    record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],
+                         flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total))
+    if label == "train":
+        record.details["seconds_when_made"] = info["seconds"]
+    return out, record
+
+
+def _zero_scores(test_data: Path) -> pa.Table:
+    """The test rollouts as a score table with all-zero scores (voting/pass@k ignore the score)."""
+    t = load_rollouts(test_data, columns=["instruction_id", "sample_index", "correct", "extracted_answer"])
+    return t.append_column("score_min", pa.array([0.0] * t.num_rows, pa.float64()))
+
+
+def _likelihood_scores(ref_data: Path) -> pa.Table:
+    """Test responses scored by the reference policy's log-likelihood (sum over response tokens)."""
+    t = pads.dataset(str(data_dir(ref_data)), format="parquet").to_table(
+        columns=["instruction_id", "sample_index", "correct", "extracted_answer", "ref_token_logp"])
+    sums = [float(sum(v)) for v in t.column("ref_token_logp").to_pylist()]
+    return t.drop_columns(["ref_token_logp"]).append_column("score_min", pa.array(sums, pa.float64()))
+
+
+@dataclass
+class Inputs:
+    """What every row of a study shares: the data, the reference caches and the policy's size."""
+
+    params: int
+    train: RolloutSet
+    test: RolloutSet
+    labels: LabelSet | None
+    ref_test: Path
+    ref_train: Path | None
+
+
+def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
+              log: Log) -> tuple[dict, list[StageRecord]]:
+    """Train and evaluate one row; returns its report entry and its stage records."""
+    train_with_ref, infer_ref = spec.uses_reference(cfg)
+    k = spec.responses_per_instruction
+    if spec.explicit:
+        k = cfg.shepherd.responses_per_instruction  # the labelled responses it trains on
+    entry = {"name": spec.name, "objective": spec.objective,
+             "responses_per_instruction": k or cfg.train_rollouts.sampling.n,
+             "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,
+             "reference": train_with_ref, "reference_at_inference": infer_ref,
+             "train_overrides": spec.train_overrides, "axis": spec.axis}
+    if spec.undefined:
+        log(f"{spec.name}: not defined ({spec.undefined})")
+        return {**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, []
+    tc = train_config(cfg, spec, inputs.labels.path if spec.explicit else inputs.train.path, inputs.ref_train)
+    log(f"{spec.name}: training -> {tc.out}")
+    with measure() as train_time:
+        report = train_prm(tc)
+    if not report["reused"]:
+        write_timing(Path(tc.out), "train", train_time)
+    ecfg = replace(cfg.eval, use_reference=infer_ref)
+    log(f"{spec.name}: evaluating on {inputs.test.summary['instructions']} test problems x "
+        f"{cfg.test_rollouts.sampling.n}")
+    eval_dir = run_dir / "eval" / spec.name
+    with measure() as eval_time:
+        ev = evaluate_prm(tc.out, inputs.ref_test if infer_ref else inputs.test.path, eval_dir, ecfg,
+                          overwrite=cfg.overwrite)
+    if not ev["reused"]:
+        write_timing(eval_dir, "eval", eval_time)
+    m = ev["metrics"]
+    log(f"{spec.name}: bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
+        f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
+    tokens = float(report["compute"]["trained_tokens"])
+    compute = prm_compute(
+        params=inputs.params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
+        rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=inputs.labels.path if spec.explicit else None,
+        labels_timing=((inputs.labels.summary.get("timing") or {}).get("total") if spec.explicit else None),
+        reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
+        reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=eval_dir)
+    records = [
+        StageRecord(f"train {spec.name}", train_time["wall_s"], report["reused"], cpu_s=train_time["cpu_s"],
+                    flops=compute["stages"]["training"]["flops"]
+                    + compute["stages"].get("reference log-probs", {}).get("flops", 0.0),
+                    details={"train_tokens": tokens}),
+        StageRecord(f"eval {spec.name}", eval_time["wall_s"], ev["reused"], cpu_s=eval_time["cpu_s"],
+                    flops=compute["stages"]["scoring"]["flops"]),
+    ]
+    ds = report.get("dataset", {})
+    result = {**entry, "status": "ok", "prm": tc.out, "metrics": m, "compute": compute,
+              "train": {"examples": report.get("examples"), "steps": report.get("steps"),
+                        "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")},
+              "eval_dir": str(eval_dir)}
+    return result, records
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolved(cfg: StudyConfig) -> StudyConfig:
+    """Absolute paths: Ray actors may run in another working directory (``ray job submit
+    --working-dir``), and stage hashes should not depend on how a path was spelled."""
+    cfg = copy.deepcopy(cfg)
+    cfg.runs_dir = str(Path(cfg.runs_dir).resolve())
+
+    def local(path: str) -> bool:
+        return Path(path).exists() or path.startswith((".", "/", "~"))
+
+    if local(cfg.policy) or cfg.bootstrap_if_missing:
+        cfg.policy = str(Path(cfg.policy).resolve())
+    if cfg.reference_model and local(cfg.reference_model):
+        cfg.reference_model = str(Path(cfg.reference_model).resolve())
+    return cfg
+
+
+def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: str, log: Log = print) -> dict:
+    """Run (or resume) every stage and write ``<runs_dir>/<name>/report.{md,json}`` and the plots.
+
+    A study directory made with another config is refused unless ``cfg.overwrite``.
+    """
+    cfg = _resolved(cfg)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    study_key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "ray_address")},
+                 "specs": [to_dict(s) for s in specs]}
+    check_settings(run_dir, read_json(run_dir / "study_settings.json"), study_key, what="a study report",
+                        overwrite=cfg.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "study_settings.json", study_key)
+    save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "specs.json", [to_dict(s) for s in specs])
+    t_start = time.time()
+
+    records = [policy_stage(cfg, log)]
+    params = count_parameters(cfg.policy)
+    init_ray(cfg.ray_address)
+    # Rollouts: training instructions and held-out test problems (disjoint splits).
+    train = rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
+    test = rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
+    records += [train.record, test.record]
+    # Math-Shepherd step labels of the training rollouts (only studies with an explicit PRM).
+    labels = None
+    if any(s.explicit and not s.undefined for s in specs):
+        labels = shepherd_stage(cfg, train, params, log)
+        records.append(labels.record)
+    # Reference log-probs of the test responses, once: the likelihood baseline (the reference
+    # itself as the reward model, paper Table 4) and every PRM scored with the reference read them.
+    ref_test, record = reference_stage(cfg, test, cfg.eval.dtype, "test", params, log)
+    records.append(record)
+    # ... and of the training responses, once for every PRM trained with a reference (each run
+    # takes a subset of them), in the training's reference-pass dtype: a cached run must train on
+    # the same numbers as an uncached one.
+    ref_train = None
+    if any(s.uses_reference(cfg)[0] and not s.undefined for s in specs):
+        ref_train, record = reference_stage(cfg, train, cfg.train.ref_pass.dtype, "train", params, log)
+        records.append(record)
+    inputs = Inputs(params, train, test, labels, ref_test, ref_train)
+
+    # Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
+    # best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
+    baseline = metrics(problems_from_scores(_zero_scores(test.path), "min"), cfg.eval)
+    likelihood = metrics(problems_from_scores(_likelihood_scores(ref_test), "min"), cfg.eval)
+
+    results = []
+    for spec in specs:
+        result, spec_records = prm_stage(cfg, spec, inputs, run_dir, log)
+        results.append(result)
+        records += spec_records
+    total = time.time() - t_start
+    out = {
+        "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
+        "results": results, "baseline": baseline, "baseline_likelihood": likelihood, "config": to_dict(cfg),
+        "seeds": {"rollouts_train": cfg.train_rollouts.sampling.seed, "rollouts_test": cfg.test_rollouts.sampling.seed,
+                  "dataset": cfg.train.dataset.seed, "train": cfg.train.seed, "eval": cfg.eval.seed,
+                  "policy": cfg.bootstrap.seed},
+        "stages": [r.to_json() for r in records], "wall_seconds": total, "policy_params": params,
+        "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
+                 "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
+        "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
+                           "pass@1": train.summary["pass@1"]},
+    }
+    write_report(out, run_dir)
+    log(f"report: {run_dir / 'report.md'} ({total / 60:.1f} min)")
+    return out

@@ -1,0 +1,313 @@
+"""What a study is: its shared setup (:class:`StudyConfig`), its rows (:class:`PRMSpec`), and the
+paper's four studies as configs plus the grid of rows each one builds.
+
+* ``scale_responses``: Figure 5, PRMs on the first k responses per instruction;
+* ``scale_instructions``: Figure 4, PRMs on a fraction of the instructions;
+* ``compare_objectives``: Tables 1 and 4, objectives, balancing and the reference model;
+* ``compare_baselines``: Figures 1 and 3, the implicit PRM against Math-Shepherd, with compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prm_ray.config import ConfigError, param, to_dict
+from prm_ray.core.objectives import IMPLICIT_OBJECTIVES, get_objective
+from prm_ray.policy.bootstrap import BootstrapConfig
+from prm_ray.resources import Request
+from prm_ray.stages.evaluate import EvaluateConfig
+from prm_ray.stages.rollout import RolloutConfig, SamplingConfig
+from prm_ray.stages.shepherd import ShepherdConfig
+from prm_ray.stages.train.config import TrainConfig
+from prm_ray.stages.train.driver import settings as train_settings
+from prm_ray.stages.train.examples import BALANCE_MODES
+
+__all__ = ["CompareBaselinesConfig", "CompareObjectivesConfig", "PRMSpec", "ScaleInstructionsConfig",
+           "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
+           "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
+
+
+# max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
+# are degenerate.
+def _train_rollouts() -> RolloutConfig:
+    return RolloutConfig(split="train", limit=1000, sampling=SamplingConfig(n=8, max_tokens=160))
+
+
+def _test_rollouts() -> RolloutConfig:
+    return RolloutConfig(split="test", limit=150, shard_size=16, sampling=SamplingConfig(n=64, max_tokens=160))
+
+
+def _train() -> TrainConfig:
+    # Chosen on the validation split, never the test problems (docs/evaluation.md):
+    # - one epoch at lr 1e-4 (best-of-16 67.9% against 64.4% for 2 epochs at 5e-4, with the
+    #   reference; 78.7% against 73.2% without it at inference);
+    # - no reference in training either (paper Table 4, "w/o ref"): 79.7% against 78.7%;
+    # (DPO/NCA pairs per instruction: StudyConfig.max_pairs_per_instruction.)
+    return TrainConfig(epochs=1, lr=1e-4, use_reference=False)
+
+
+def _eval() -> EvaluateConfig:
+    # Best-of-N scores drop the reference at inference (paper section 5.3.2): with a strong
+    # reference, a good step is likely under both models (ratio near 0) and a bad one unlikely under
+    # both (ratio near 0 or above), which confuses response selection. bf16 scoring: 1.5x faster
+    # here, best-of-16 on validation 79.3% against 79.7% in fp32 (docs/evaluation.md).
+    return EvaluateConfig(use_reference=False, dtype="bfloat16")
+
+
+@dataclass
+class StudyConfig:
+    """The shared setup of a study. The study fills in each stage's paths (``model``, ``out``,
+    ``data``) itself; everything else in the nested configs is used as given."""
+
+    name: str = param("study", "the study's directory under runs_dir (report, plots, config)")
+    runs_dir: str = param("runs", "where every stage's output is kept and reused (on a cluster: storage every "
+                                  "node mounts)")
+    policy: str = param("artifacts/policy", "the policy: a local directory or a Hugging Face model id")
+    bootstrap_if_missing: bool = param(True, "train the embedded arith policy into `policy` when that directory "
+                                             "has no model (the arith world only)")
+    reference_model: str | None = param(None, "the implicit reward's reference model; null: the policy")
+    bootstrap: BootstrapConfig = param(factory=BootstrapConfig, help="")
+    train_rollouts: RolloutConfig = param(factory=_train_rollouts, help="")
+    test_rollouts: RolloutConfig = param(factory=_test_rollouts, help="")
+    train: TrainConfig = param(factory=_train, help="")
+    eval: EvaluateConfig = param(factory=_eval, help="")
+    headline_n: int = param(16, "the N of the scaling plot and the summary line")
+    max_pairs_per_instruction: int | None = param(4, "DPO/NCA pairs per instruction (null: every correct x "
+                                                     "incorrect pair, as the paper); 4 keeps about 40% of the "
+                                                     "pairs at 8 responses per instruction, which the default "
+                                                     "study's 30-minute budget needs")
+    overwrite: bool = param(False, "replace this study's report made with another config (else refused); its "
+                                   "evaluations are redone, stages whose settings did not change are reused")
+    ray_address: str | None = param(None, "null: RAY_ADDRESS, a running local cluster, or a new one")
+
+    def __post_init__(self) -> None:
+        if self.bootstrap_if_missing and self.train_rollouts.task != "arith":
+            self.bootstrap_if_missing = False  # the bootstrap trains the arith policy only
+        if self.train_rollouts.split == self.test_rollouts.split and self.train_rollouts.task == self.test_rollouts.task:
+            raise ConfigError(f"train_rollouts.split and test_rollouts.split are both {self.test_rollouts.split!r}; "
+                              "held-out problems must come from another split")
+        if self.headline_n > self.test_rollouts.sampling.n:
+            raise ConfigError(f"headline_n ({self.headline_n}) > test_rollouts.sampling.n "
+                              f"({self.test_rollouts.sampling.n})")
+
+    def resource_requests(self) -> list[Request]:
+        """Each stage's request (the study runs them one after another)."""
+        return (self.train_rollouts.resource_requests("train_rollouts.")
+                + self.test_rollouts.resource_requests("test_rollouts.")
+                + self.train.resource_requests("train.") + [self.eval.request("eval")])
+
+    def cluster_problems(self) -> list[str]:
+        """Settings no cluster can make work."""
+        if Path(self.runs_dir).is_absolute():
+            return []
+        return [f"runs_dir {self.runs_dir!r} is relative: under `ray job submit` it resolves inside the job's "
+                "working directory on the head node, which worker nodes never see; use a path on storage "
+                "every node mounts (e.g. /mnt/shared/prm-ray/runs)"]
+
+
+@dataclass
+class PRMSpec:
+    """One row of a study: a PRM to train (a delta on ``StudyConfig.train``) and how to score it."""
+
+    name: str
+    objective: str = "ce"
+    responses_per_instruction: int | None = None
+    instruction_fraction: float = 1.0
+    balance: str = "none"
+    reference_train: bool | None = None  # None: the study's `train.use_reference`
+    reference_infer: bool | None = None  # None: the study's `eval.use_reference`
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # top-level TrainConfig fields for this row
+    undefined: str | None = None  # set when the cell does not exist (e.g. DPO with 1 response)
+    axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
+
+    @property
+    def explicit(self) -> bool:
+        return get_objective(self.objective).explicit
+
+    def uses_reference(self, cfg: StudyConfig) -> tuple[bool, bool]:
+        """(in training, at inference): this row's own choice, else the study's. An explicit PRM
+        (Math-Shepherd) has no reference model."""
+        if self.explicit:
+            return False, False
+        return (cfg.train.use_reference if self.reference_train is None else self.reference_train,
+                cfg.eval.use_reference if self.reference_infer is None else self.reference_infer)
+
+
+def stage_hash(obj: Any) -> str:
+    """A short content hash: stage outputs live under ``<name>-<hash of their settings>``, so two
+    studies that need the same rollouts or the same PRM compute it once."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
+    key = to_dict(rc)
+    for name in ("out", "progress", "overwrite"):
+        key.pop(name)
+    return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(key)}"
+
+
+def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:
+    """The training config of one row: the study's ``train`` with the row's changes, its data and
+    an output directory named by the hash of its settings."""
+    tc = copy.deepcopy(cfg.train)
+    for name, value in spec.train_overrides.items():
+        if not hasattr(tc, name) or name in ("dataset", "ref_pass", "workers"):
+            raise ConfigError(f"{spec.name}: train_overrides names {name!r}, not a top-level train field")
+        setattr(tc, name, value)
+    tc.__post_init__()
+    tc.data, tc.model, tc.reference_model = str(data), cfg.policy, cfg.reference_model
+    tc.use_reference = spec.uses_reference(cfg)[0]
+    ds = tc.dataset
+    ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
+    ds.max_pairs_per_instruction = cfg.max_pairs_per_instruction if get_objective(spec.objective).paired else None
+    ds.instruction_fraction, ds.balance = spec.instruction_fraction, spec.balance
+    ds.__post_init__()  # validate the combination
+    if cfg.ray_address:
+        tc.ray_address = cfg.ray_address
+    tc.out = str(Path(cfg.runs_dir) / "prms" / f"{spec.name}-{stage_hash(train_settings(tc))}")
+    if ref_cache is not None and tc.use_reference:
+        tc.ref_cache = str(ref_cache)
+    return tc
+
+
+# ---------------------------------------------------------------------------------------------
+# The three studies (paper Figure 5, Figure 4, Tables 1 and 4)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ScaleResponsesConfig(StudyConfig):
+    """Figure 5: PRMs trained on the first k responses per instruction, for each objective."""
+
+    name: str = "scale_responses"
+    responses: list[int] = param(factory=lambda: [1, 2, 4, 8], help="the k of the PRMs (first k responses per "
+                                                                    "instruction)")
+    objectives: list[str] = param(factory=lambda: ["ce", "dpo"], help="implicit objectives, one series each")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.train_rollouts.sampling.n
+        if not self.responses or any(k < 1 or k > n for k in self.responses):
+            raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
+
+
+def scale_responses_specs(cfg: ScaleResponsesConfig) -> list[PRMSpec]:
+    specs = []
+    for obj in cfg.objectives:
+        for k in cfg.responses:
+            spec = PRMSpec(f"{obj}-k{k}", objective=obj, responses_per_instruction=k,
+                           axis={"responses_per_instruction": k, "series": obj})
+            if get_objective(obj).paired and k == 1:
+                spec.undefined = (f"{obj.upper()} needs a correct and an incorrect response to the same "
+                                  "instruction; with 1 response per instruction there are no pairs")
+            specs.append(spec)
+    return specs
+
+
+@dataclass
+class ScaleInstructionsConfig(StudyConfig):
+    """Figure 4: PRMs trained on a seeded fraction of the instructions (all their responses)."""
+
+    name: str = "scale_instructions"
+    fractions: list[float] = param(factory=lambda: [0.25, 0.5, 0.75, 1.0],
+                                   help="seeded fractions of the training instructions")
+    objectives: list[str] = param(factory=lambda: ["ce"], help="implicit objectives, one series each")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions must be in (0, 1], got {self.fractions}")
+
+
+def scale_instructions_specs(cfg: ScaleInstructionsConfig) -> list[PRMSpec]:
+    return [PRMSpec(f"{obj}-f{int(round(100 * f))}", objective=obj, instruction_fraction=f,
+                    axis={"instruction_fraction": f, "series": obj})
+            for obj in cfg.objectives for f in cfg.fractions]
+
+
+@dataclass
+class CompareObjectivesConfig(StudyConfig):
+    """Table 1 (objectives and balancing) and Table 4 (reference model at training / inference)."""
+
+    name: str = "compare_objectives"
+    objectives: list[str] = param(factory=lambda: ["ce", "ce-dataset", "ce-instruction", "dpo", "kto", "nca"],
+                                  help="implicit objectives; ce-dataset / ce-instruction: CE with that balancing")
+    reference_ablation: bool = param(True, "Table 4: CE with the reference on/off at training x inference")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        valid = set(IMPLICIT_OBJECTIVES) | {f"ce-{b}" for b in BALANCE_MODES if b != "none"}
+        bad = [o for o in self.objectives if o not in valid]
+        if bad:
+            raise ConfigError(f"objectives {bad} unknown; valid: {sorted(valid)}")
+
+
+def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
+    specs = []
+    for name in cfg.objectives:
+        obj, _, balance = name.partition("-")
+        specs.append(PRMSpec(name, objective=obj, balance=balance or "none", axis={"objective": name}))
+    if cfg.reference_ablation:
+        for train_ref in (True, False):
+            for infer_ref in (True, False):
+                if train_ref == cfg.train.use_reference and infer_ref == cfg.eval.use_reference and "ce" in cfg.objectives:
+                    continue  # the plain CE row above
+                label = f"ce ref train={'on' if train_ref else 'off'} infer={'on' if infer_ref else 'off'}"
+                specs.append(PRMSpec(label.replace(" ", "_").replace("=", "-"), objective="ce",
+                                     reference_train=train_ref, reference_infer=infer_ref,
+                                     axis={"reference (train/inference)": f"{int(train_ref)}/{int(infer_ref)}",
+                                           "series": "ce"}))
+    return specs
+
+
+def _shepherd() -> ShepherdConfig:
+    # K = 8 completions per step as in the paper. 2 of the 8 responses per instruction: labelling
+    # samples about 8 completions x 3.5 boundaries x 48 tokens per response, ~14x the response
+    # itself, so all 8000 default responses would take about an hour on 2 CPU cores; 2000 take ~15 min.
+    return ShepherdConfig(responses_per_instruction=2)
+
+
+@dataclass
+class CompareBaselinesConfig(StudyConfig):
+    """Figures 1 and 3: the implicit PRM against a Math-Shepherd PRM, accuracy next to compute."""
+
+    name: str = "compare_baselines"
+    objectives: list[str] = param(factory=lambda: ["ce", "dpo"], help="the implicit PRMs' objectives")
+    responses: list[int] = param(factory=lambda: [2, 8], help="the implicit PRMs' responses per instruction")
+    shepherd_labels: list[str] = param(factory=lambda: ["hard", "soft"], help="Math-Shepherd PRMs: hard and/or soft")
+    # Chosen on the validation split among lr {1e-4, 1e-3} x epochs {1, 3} for Math-Shepherd-hard:
+    # best-of-16 39.6 / 42.6 / 45.9 / 48.5 (docs/baselines.md).
+    shepherd_lr: float | None = param(1e-3, "the explicit PRMs' learning rate; null: train.lr (chosen for the "
+                                            "implicit PRM)")
+    shepherd_epochs: int | None = param(3, "the explicit PRMs' epochs; null: train.epochs")
+    shepherd: ShepherdConfig = param(factory=_shepherd, help="the step labels (the study sets rollouts, model "
+                                                             "and out; engine and verifier left at their defaults "
+                                                             "mean the training rollouts' pools)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [o for o in self.objectives if o not in IMPLICIT_OBJECTIVES]
+        if bad:
+            raise ConfigError(f"objectives: {bad} are not implicit-PRM objectives ({', '.join(IMPLICIT_OBJECTIVES)})")
+        bad = [x for x in self.shepherd_labels if x not in ("hard", "soft")]
+        if bad:
+            raise ConfigError(f"shepherd_labels must be 'hard' and/or 'soft', got {bad}")
+        n = self.train_rollouts.sampling.n
+        if any(k < 1 or k > n for k in self.responses):
+            raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
+
+
+def compare_baselines_specs(cfg: CompareBaselinesConfig) -> list[PRMSpec]:
+    specs = scale_responses_specs(ScaleResponsesConfig(responses=cfg.responses, objectives=cfg.objectives,
+                                                       train_rollouts=cfg.train_rollouts))
+    for spec in specs:
+        spec.axis = {"method": f"implicit {spec.objective}", "series": "implicit PRM"}
+    overrides = {k: v for k, v in (("lr", cfg.shepherd_lr), ("epochs", cfg.shepherd_epochs)) if v is not None}
+    for kind in cfg.shepherd_labels:
+        specs.append(PRMSpec(f"math-shepherd-{kind}", objective=f"math-shepherd-{kind}", train_overrides=overrides,
+                             axis={"method": f"Math-Shepherd ({kind})", "series": "Math-Shepherd"}))
+    return specs
