@@ -33,7 +33,7 @@ from prm_ray.config import (
 
 T = TypeVar("T")
 
-__all__ = ["config_markdown", "parse_args", "root_cause", "run_job"]
+__all__ = ["USER_ERRORS", "build_parser", "config_markdown", "parse_args", "root_cause", "run_job"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 """What a job reports as one line: bad configs (ConfigError is a ValueError), bad data, missing

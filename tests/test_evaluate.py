@@ -81,11 +81,6 @@ def _bon_by_hand(problems):
     return total / len(problems)
 
 
-class _Double:
-    def __call__(self, batch):
-        return batch.set_column(0, "x", pa.array([2 * v for v in batch.column("x").to_pylist()]))
-
-
 def test_actor_pools_use_current_ray_data_apis_and_keep_logs_quiet(ray_session):
     """Every stage's actor pool goes through map_actors: no deprecated ``concurrency=`` (Ray Data
     warns on every pass), and in a redirected log one progress line a minute instead of a block
@@ -93,6 +88,10 @@ def test_actor_pools_use_current_ray_data_apis_and_keep_logs_quiet(ray_session):
     import logging
 
     import ray.data
+
+    class Double:  # defined here: Ray pickles a local class by value
+        def __call__(self, batch):
+            return batch.set_column(0, "x", pa.array([2 * v for v in batch.column("x").to_pylist()]))
 
     from prm_ray.resources import Resources
     from prm_ray.stages.runtime import init_ray, map_actors
@@ -104,7 +103,7 @@ def test_actor_pools_use_current_ray_data_apis_and_keep_logs_quiet(ray_session):
     logger = logging.getLogger("ray.data._internal.util")
     logger.addHandler(handler)
     try:
-        ds = map_actors(ray.data.from_items([{"x": i} for i in range(4)]), _Double, Resources(num_cpus=0.5),
+        ds = map_actors(ray.data.from_items([{"x": i} for i in range(4)]), Double, Resources(num_cpus=0.5),
                         stage="test", constructor_kwargs={}, batch_size=2)
         assert sorted(r["x"] for r in ds.take_all()) == [0, 2, 4, 6]
     finally:

@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from prm_ray.cli import USER_ERRORS
 from prm_ray.config import ConfigError, from_dict, load_yaml
 from prm_ray.resources import plan
 from prm_ray.stages.rollout import RolloutConfig
@@ -47,8 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="study, rollout or training YAML")
     p.add_argument("--cluster", required=True, help="cluster launcher YAML or KubeRay manifest")
     p.add_argument("--kind", choices=sorted(KINDS), default=None)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    lines, problems = plan(load_config(args.config, args.kind), args.cluster)
+    try:
+        lines, problems = plan(load_config(args.config, args.kind), args.cluster)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}  (--debug shows the traceback)", file=sys.stderr)
+        return 2
     print("\n".join(lines))
     for msg in problems:
         print(f"PROBLEM: {msg}", file=sys.stderr)
