@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm import LLM, SamplingParams
 
 from prm_ray.core.reward import response_logprobs
-from prm_ray.stages.rollout import EngineConfig, llm_kwargs
+from prm_ray.stages.rollout import EngineConfig, engine_environment, llm_kwargs
 from prm_ray.tokens import render_prompt
 
 
@@ -17,13 +17,20 @@ from prm_ray.tokens import render_prompt
 def vllm_tiny_policy(tiny_policy_path):
     """One in-process vLLM engine for this module, shut down afterwards: an idle engine keeps
     polling and would take CPU from the (niced) Ray workers of later tests."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = {**vars(EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=64))}
+    env = engine_environment(engine)  # what the rollout actors start with
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     llm = LLM(**llm_kwargs(tiny_policy_path, engine, seed=0))  # what the rollout actors build
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_vllm_prompt_logprobs_match_transformers(tiny_policy_path, vllm_tiny_policy):

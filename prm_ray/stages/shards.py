@@ -34,17 +34,18 @@ def one_shard(batch: pa.Table) -> dict[str, Any]:
     return batch.to_pylist()[0]
 
 
-def stream_shards(todo: list[dict], stats: list[dict], *, out: Path, engine: Resources, verifier: Resources,
-                  sampler_cls: type, sampler_kwargs: dict, verifier_cls: type, verifier_kwargs: dict,
+def stream_shards(todo: list[dict], stats: list[dict], *, out: Path, engine: Resources, engine_env: dict[str, str],
+                  verifier: Resources, sampler_cls: type, sampler_kwargs: dict, verifier_cls: type, verifier_kwargs: dict,
                   writer: Callable[..., pa.Table], total: int, desc: str, progress: bool,
                   rate: Callable[[list[dict]], dict]) -> list[dict]:
     """Run ``todo`` shards through sampler -> verifier -> writer. The driver only sees each shard's
     stats, which are appended to ``stats`` as they arrive (so a caller still has them if the
-    pipeline fails). ``total`` responses drive the progress bar; ``rate(stats)`` its postfix."""
+    pipeline fails). ``engine_env``: environment variables of the sampler actors.
+    ``total`` responses drive the progress bar; ``rate(stats)`` its postfix."""
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     # Sampler and verifier pools hold their CPUs for the whole run; the writer tasks need a little.
     ds = map_actors(ds, sampler_cls, engine, stage="engine", constructor_kwargs=sampler_kwargs, batch_size=1,
-                    check_cpus=False)
+                    check_cpus=False, runtime_env={"env_vars": engine_env})
     ds = map_actors(ds, verifier_cls, verifier, stage="verifier", constructor_kwargs=verifier_kwargs, batch_size=1,
                     check_cpus=False)
     ds = ds.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=0.1, fn_kwargs={"out": str(out)})

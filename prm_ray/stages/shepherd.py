@@ -48,19 +48,18 @@ from prm_ray.artifacts import (
 from prm_ray.cli import root_cause
 from prm_ray.config import ConfigError, param, save_config, to_dict
 from prm_ray.core.flops import forward_flops
-from prm_ray.models import context_length, count_parameters, load_tokenizer
 from prm_ray.stages.rollout import (
     SCHEMA,
     EngineConfig,
     Verifier,
     VerifierConfig,
     VLLMSampler,
+    engine_environment,
     sample_seed,
 )
 from prm_ray.stages.runtime import cpu_seconds, init_ray
 from prm_ray.stages.shards import one_shard, stream_shards
 from prm_ray.tasks import LABELLED, UNVERIFIABLE
-from prm_ray.tokens import encode_pair, prompt_ids
 
 __all__ = ["LABEL_SCHEMA", "ShepherdConfig", "ShepherdSampler", "ShepherdSamplingConfig",
            "ShepherdVerifier", "run_shepherd", "summarize_labels", "write_labels"]
@@ -161,6 +160,10 @@ class ShepherdSampler(VLLMSampler):
     def _requests(self, shard: dict) -> list[dict]:
         """One request per (response, boundary t, completion j): chat-rendered prompt ids + the
         prefix's ids (tokenized separately and concatenated, as encode_pair does)."""
+        # torch-based modules in the engine actor and the driver only: the verifier actors and
+        # writer tasks of this stage import this module and need no torch.
+        from prm_ray.tokens import prompt_ids
+
         s, tok = self.sampling, self.tokenizer
         ctx = s.get("context_length")
         rendered: dict[str, list[int]] = {}
@@ -294,6 +297,8 @@ def _read_rollout_meta(rollouts: Path) -> dict:
 
 def _settings(cfg: ShepherdConfig, rollouts: Path, rmeta: dict) -> dict:
     """Everything that decides the labels; a different value refuses to reuse an output dir."""
+    from prm_ray.models import context_length  # the driver only (see ShepherdSampler._requests)
+
     rcfg = rmeta["config"]
     model = cfg.model or rcfg["model"]
     s = cfg.sampling
@@ -319,6 +324,9 @@ SETTING_NAMES = {"rollouts_data": "rollouts (the rollout data differs)",
 
 def _plan(cfg: ShepherdConfig, rollouts: Path, settings: dict) -> tuple[list[dict], dict]:
     """Select the responses to label and split them into steps; return (shards, plan report)."""
+    from prm_ray.models import load_tokenizer  # the driver only (see ShepherdSampler._requests)
+    from prm_ray.tokens import encode_pair
+
     table = load_rollouts(rollouts, columns=SCHEMA.names)
     cols = table.select(["instruction_id", "sample_index", "verify_status", "correct"]).to_pydict()
     keys = list(zip(cols["instruction_id"], cols["sample_index"]))
@@ -397,7 +405,8 @@ def _run_pipeline(cfg: ShepherdConfig, settings: dict, rmeta: dict, out: Path, t
     """Sampler -> verifier -> writer over the shards still to do; appends each shard's stats."""
     init_ray(cfg.ray_address)
     stream_shards(
-        todo, stats, out=out, engine=cfg.engine, verifier=cfg.verifier, sampler_cls=sampler_cls,
+        todo, stats, out=out, engine=cfg.engine, engine_env=engine_environment(vars(cfg.engine)),
+        verifier=cfg.verifier, sampler_cls=sampler_cls,
         sampler_kwargs={"model": settings["model"], "engine": vars(cfg.engine), "sampling": settings["sampling"],
                         "completions_per_step": cfg.completions_per_step},
         verifier_cls=ShepherdVerifier,
@@ -483,6 +492,8 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
         shards={"total": len(shards), "done_this_run": len(stats), "reused_this_run": len(shards) - len(todo)},
     )
     summary["complete"] = summary["rows_labelled"] == plan["rows_to_label"]
+    from prm_ray.models import count_parameters  # the driver only (see ShepherdSampler._requests)
+
     params = count_parameters(settings["model"])
     completion_tokens = summary["completion_prompt_tokens"] + summary["completion_generated_tokens"]
     summary["compute"] = {"params": params, "completion_tokens": completion_tokens,
