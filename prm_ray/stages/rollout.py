@@ -108,9 +108,9 @@ class EngineConfig(Resources):
                                                       "CPU runner crashes on chunked prefills of seeded requests)")
     in_process: bool | None = param(None, "run vLLM's engine core and model worker in the actor's own process "
                                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0); null: yes for CPU engines (here: "
-                                          "start-up 2.6 s instead of 19.5 s, generation 1.5x faster, the same "
-                                          "samples), no for GPU engines (a separate process overlaps scheduling "
-                                          "with the GPU)")
+                                          "start-up about 3 s instead of 20 s, generation 1.1-1.6x faster, the "
+                                          "same samples: docs/rollouts.md), no for GPU engines (a separate process "
+                                          "overlaps scheduling with the GPU)")
     max_num_batched_tokens: int | None = param(None, "tokens per engine step; null: vLLM's default (with "
                                                      "chunked prefill off it must cover the context)")
 
