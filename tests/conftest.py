@@ -144,3 +144,22 @@ def tiny_train_rollouts(tiny_trained_policy, ray_session, study_runs) -> Path:
     rc.out = str(out)
     run_rollouts(rc)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_train_ref_cache(tiny_trained_policy, tiny_train_rollouts, study_runs) -> Path:
+    """Per-token reference log-probs of `tiny_train_rollouts` (the policy is the reference), made
+    once where the tiny study keeps them: the training tests read them as `ref_cache` instead of
+    each running a reference pass, and the study reuses them."""
+    from dataclasses import replace
+
+    from prm_ray.config import from_dict
+    from prm_ray.stages.evaluate import reference_logprobs
+    from prm_ray.study import ScaleResponsesConfig
+    from prm_ray.study.specs import reference_dir
+
+    cfg = from_dict(ScaleResponsesConfig, tiny_study(tiny_trained_policy[0].out, study_runs))
+    dtype = cfg.train.ref_pass.dtype
+    out = reference_dir(cfg, tiny_train_rollouts, dtype)
+    reference_logprobs(tiny_train_rollouts, cfg.policy, out, replace(cfg.eval.pass_config(), dtype=dtype))
+    return out

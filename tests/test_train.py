@@ -30,9 +30,16 @@ def _cfg(policy, data, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def ce_run(tiny_trained_policy, rollouts, tmp_path_factory):
+def ref_cache(tiny_train_ref_cache) -> str:
+    """The rollouts' per-token reference log-probs, made once: trainings that read them skip their
+    own reference pass (the pass itself is tested below)."""
+    return str(tiny_train_ref_cache)
+
+
+@pytest.fixture(scope="module")
+def ce_run(tiny_trained_policy, rollouts, ref_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("prm") / "ce"
-    cfg = _cfg(tiny_trained_policy[0].out, rollouts, out, epochs=6)
+    cfg = _cfg(tiny_trained_policy[0].out, rollouts, out, epochs=6, ref_cache=ref_cache)
     return cfg, train_prm(cfg)
 
 
@@ -97,10 +104,10 @@ def test_finished_run_is_not_retrained(ce_run):
 
 
 @pytest.mark.parametrize("objective,reference", [("dpo", True), ("kto", True), ("nca", True), ("ce", False)])
-def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_policy, rollouts, tmp_path):
+def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_policy, rollouts, ref_cache, tmp_path):
     cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / objective, max_optimizer_steps=2, epochs=4,
                workers=Resources(replicas=1, num_cpus=1.0), dataset=DatasetConfig(objective=objective),
-               use_reference=reference)
+               use_reference=reference, ref_cache=ref_cache)
     report = train_prm(cfg)
     assert report["status"] == "finished" and report["steps"] == 2
     m = report["final_metrics"]
@@ -110,9 +117,9 @@ def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_po
         assert report["dataset"]["pairs"] > 0
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rollouts, tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rollouts, ref_cache, tmp_path):
     cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / "failover", epochs=2, checkpoint_every=3,
-               debug_kill_rank=1, debug_kill_at_step=8)
+               debug_kill_rank=1, debug_kill_at_step=8, ref_cache=ref_cache)
     report = train_prm(cfg)
     assert report["status"] == "finished"
     starts = [a["start_step"] for a in report["attempts"]]
@@ -123,7 +130,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rol
     assert history[-1]["step"] == report["steps"]
 
 
-def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_trained_policy, rollouts, tmp_path):
+def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_trained_policy, rollouts, ref_cache,
+                                                                   tmp_path):
     """DPO pairs share responses: each distinct one is scored once, with the same values as a
     per-token cache of the rollouts (what a study computes once), which skips the pass entirely."""
     import pyarrow.parquet as pq
@@ -143,9 +151,7 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     fresh = pq.read_table(path)
     assert fresh.column("chosen").to_pylist() == examples.column("chosen").to_pylist()  # order kept
 
-    cache = tmp_path / "cache"
-    reference_logprobs(rollouts, policy, cache, EvaluateConfig())
-    cfg.ref_cache = str(cache)
+    cfg.ref_cache = ref_cache  # reference_logprobs of the rollouts in the training's dtype (the fixture)
     path, _, counts = add_reference_logprobs(examples, cfg, tmp_path / "cached")
     assert counts["from_cache"] == len(distinct) and counts["scored"] == 0
     cached = pq.read_table(path)

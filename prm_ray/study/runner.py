@@ -34,7 +34,7 @@ from prm_ray.stages.shepherd import run_shepherd
 from prm_ray.stages.train.driver import train_prm
 from prm_ray.study.accounting import RolloutTokens, prm_compute
 from prm_ray.study.report import write_report
-from prm_ray.study.specs import PRMSpec, StudyConfig, rollout_dir, stage_hash, train_config
+from prm_ray.study.specs import PRMSpec, StudyConfig, reference_dir, rollout_dir, stage_hash, train_config
 
 __all__ = ["RolloutSet", "StageRecord", "run_study"]
 
@@ -149,7 +149,7 @@ def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: s
                     log: Log) -> tuple[Path, StageRecord]:
     """Per-token reference log-probs of a rollout set, computed once and read by every PRM."""
     reference = cfg.reference_model or cfg.policy
-    out = rollouts.path / f"ref-logprobs-{stage_hash([reference, dtype])}"
+    out = reference_dir(cfg, rollouts.path, dtype)
     log(f"reference log-probs of the {label} responses -> {out}")
     info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype))
     record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],

@@ -29,7 +29,7 @@ from prm_ray.stages.train.examples import BALANCE_MODES
 
 __all__ = ["CompareBaselinesConfig", "CompareObjectivesConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
-           "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
+           "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
 
 
 # max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
@@ -149,6 +149,11 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
     for name in ("out", "progress", "overwrite"):
         key.pop(name)
     return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(key)}"
+
+
+def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str) -> Path:
+    """Where a study keeps the per-token reference log-probs of a rollout set (beside it)."""
+    return Path(rollouts) / f"ref-logprobs-{stage_hash([cfg.reference_model or cfg.policy, dtype])}"
 
 
 def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:
