@@ -43,8 +43,15 @@ def ray_session():
     """One local Ray for the session (start-up is seconds; per-test clusters would dominate)."""
     import ray
 
+    # Two settings that only trim Ray's idle waits, which dominate a suite of many small runs:
+    # Ray Train's controller polls its workers every 0.5 s instead of 2 s (each of the suite's ~15
+    # trainings notices its end, or a killed worker, sooner), and up to 8 idle workers stay warm
+    # instead of being killed after 1 s beyond 2, so the many short Ray Data pipelines reuse them
+    # (measured here: 4.7 -> 3.7 s for a read -> actor -> write pipeline).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # address="local": never attach to a `ray start` head (e.g. one left up by `make demo`).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000})
     yield ray
     ray.shutdown()
 
