@@ -17,8 +17,10 @@ PACKAGE = ROOT / "prm_ray"
 LAZY_OK = ("vllm", "tensorboardX", "wandb", "mlflow", "math_verify", "sympy", "ray.autoscaler", "prm_ray.scoring")
 # The rollout and step-label stages also run in light processes (verifier actors, writer tasks):
 # their torch-based imports (tokenizers, models) sit in the engine actor's and the driver's code.
+# The training package's names are lazy so its pure-PyTorch step imports without Ray (GPU nodes).
 LAZY_IN = {"prm_ray.stages.rollout": ("prm_ray.models", "prm_ray.tokens"),
-           "prm_ray.stages.shepherd": ("prm_ray.models", "prm_ray.tokens")}
+           "prm_ray.stages.shepherd": ("prm_ray.models", "prm_ray.tokens"),
+           "prm_ray.stages.train": ("prm_ray.stages.train.config", "prm_ray.stages.train.driver")}
 
 
 def _module_name(path: Path, root: Path) -> str:

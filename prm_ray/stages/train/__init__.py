@@ -5,7 +5,18 @@ micro-batch's loss (pure PyTorch), ``worker`` the loop on each Ray Train worker,
 metric trackers, and ``driver`` runs it all (:func:`train_prm`).
 """
 
-from prm_ray.stages.train.config import TrainConfig
-from prm_ray.stages.train.driver import train_prm
-
 __all__ = ["TrainConfig", "train_prm"]
+
+
+def __getattr__(name: str):
+    # Lazy, so the pure-PyTorch step (and its config) import without Ray: a bare GPU node with
+    # torch and transformers only runs bench/gpu_bench.py against them.
+    if name == "TrainConfig":
+        from prm_ray.stages.train.config import TrainConfig
+
+        return TrainConfig
+    if name == "train_prm":
+        from prm_ray.stages.train.driver import train_prm
+
+        return train_prm
+    raise AttributeError(f"module 'prm_ray.stages.train' has no attribute {name!r}")
