@@ -43,6 +43,7 @@ from transformers import LlamaForCausalLM
 from prm_ray.cli import run_job
 from prm_ray.config import ConfigError, param
 from prm_ray.core.losses import ce_loss
+from prm_ray.models import matmul_rates
 from prm_ray.policy import ModelShape, build_char_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.scoring import ImplicitPRM
@@ -246,11 +247,6 @@ def peak_for(device: torch.device, cfg: GpuBenchConfig) -> float | None:
     return None
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / statistics.median(timed(lambda _: a @ b, 2, reps, device))
-
-
 def run(cfg: GpuBenchConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
@@ -266,7 +262,7 @@ def run(cfg: GpuBenchConfig) -> dict:
     results = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
                "config": asdict(cfg), "peak_flops": peak,
-               "matmul_flops_bf16": matmul_flops(device, torch.bfloat16, 8192 if gpu else 1024), "shapes": {}}
+               "matmul_flops_bf16": matmul_rates(8192 if gpu else 1024, torch.bfloat16, device=device)["median"], "shapes": {}}
     for name in cfg.shapes:
         model_fn = partial(build_model, SHAPES[name], cfg.vocab_size, device)
         params = sum(p.numel() for p in build_model(SHAPES[name], cfg.vocab_size, "meta").parameters())

@@ -140,20 +140,12 @@ def matmul_peak(size: int, reps: int) -> dict:
     """Best and median GFLOP/s of a square matmul, fp32 and bf16."""
     import torch
 
+    from prm_ray.models import matmul_rates
+
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        flop = 2 * size**3
-        out[name] = {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
-                     "reps": reps, "size": size}
+        r = matmul_rates(size, dtype, reps=reps)
+        out[name] = {"best_gflops": r["best"] / 1e9, "median_gflops": r["median"] / 1e9, "reps": reps, "size": size}
     return out
 
 

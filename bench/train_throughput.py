@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from prm_ray.artifacts import TRAIN_METRICS, read_jsonl
 from prm_ray.cli import run_job
 from prm_ray.config import ConfigError, param
-from prm_ray.models import count_parameters
+from prm_ray.models import count_parameters, matmul_rates
 from prm_ray.policy import ModelShape, build_char_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.stages.rollout import SCHEMA
@@ -72,13 +72,8 @@ class TrainBenchConfig:
 CONFIG, ALIASES = TrainBenchConfig, {}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+def matmul_peak(dtype: torch.dtype) -> float:
+    return matmul_rates(2048, dtype, reps=5)["median"]
 
 
 def synthetic_rollouts(path: Path, n_instructions: int) -> None:

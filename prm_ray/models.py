@@ -3,18 +3,21 @@
 A path that looks local (absolute, ``./``, ``~``, two or more ``/``, or under a directory that
 exists here; any path with ``HF_HUB_OFFLINE=1``) and is missing raises ``FileNotFoundError`` at once; transformers would otherwise
 take it for a hub id and end, after its retries, in an error about huggingface.co.
+:func:`matmul_rates` measures a device's matmul rate, what the benchmarks compare models against.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 __all__ = ["as_dtype", "context_length", "count_parameters", "device_for", "load_causal_lm", "load_tokenizer",
-           "looks_local", "model_config", "resolve_model"]
+           "looks_local", "matmul_rates", "model_config", "resolve_model"]
 
 
 def looks_local(path: str) -> bool:
@@ -78,3 +81,24 @@ def count_parameters(path: str) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(path))
     return sum(p.numel() for p in model.parameters())
+
+
+def matmul_rates(size: int, dtype: torch.dtype, reps: int = 10, device: torch.device | str = "cpu",
+                 warmup: int = 2) -> dict[str, float]:
+    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device``: the best and the median
+    of ``reps`` timed runs after ``warmup`` untimed ones (a shared machine's neighbours slow some)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    times = []
+    for i in range(warmup + reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    flop = 2 * size**3
+    return {"best": flop / min(times), "median": flop / statistics.median(times)}
