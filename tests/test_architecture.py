@@ -5,6 +5,8 @@ across modules, imports at the top of modules except the heavy optional ones, an
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,11 @@ def test_jobs_stay_thin():
     """A job parses its config and calls one function of the package: no logic of its own."""
     for path in sorted((ROOT / "jobs").glob("*.py")):
         assert len(path.read_text().splitlines()) <= 60, f"{path.name} has grown; move its logic into prm_ray"
+
+
+def test_the_rollout_and_step_label_stages_import_without_torch():
+    """Their verifier actors and writer tasks import these modules: without torch they start in
+    about a second instead of several (the engine actor and the driver load it when they need it)."""
+    code = "import sys, prm_ray.stages.rollout, prm_ray.stages.shepherd; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
