@@ -97,9 +97,8 @@ def _read(path: str | Path, columns: list[str], blocks: int) -> ray.data.Dataset
 
 def _model_pass(ds: ray.data.Dataset, model: str, output: str, cfg: LogprobPassConfig, stage: str,
                 **kwargs) -> ray.data.Dataset:
-    return map_actors(ds, ModelPass, cfg, stage=stage, batch_size=cfg.batch_size, constructor_kwargs={
-        "model": model, "output": output, "dtype": cfg.dtype, "micro_batch_size": cfg.micro_batch_size,
-        "threads": cfg.torch_threads, "num_gpus": cfg.num_gpus, **kwargs})
+    return map_actors(ds, ModelPass, cfg, stage=stage, batch_size=cfg.batch_size,
+                      constructor_kwargs=cfg.actor_kwargs(model, output, **kwargs))
 
 
 def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cfg: LogprobPassConfig, *,

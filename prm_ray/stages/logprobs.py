@@ -65,6 +65,11 @@ class LogprobPassConfig(Resources):
                               f"got {self.dtype!r}")
         super().__post_init__()
 
+    def actor_kwargs(self, model: str, output: str, **extra) -> dict:
+        """:class:`ModelPass`'s constructor arguments for a pass of ``model`` under this config."""
+        return {"model": model, "output": output, "dtype": self.dtype, "micro_batch_size": self.micro_batch_size,
+                "threads": self.torch_threads, "num_gpus": self.num_gpus, **extra}
+
 
 class ModelPass:
     """Ray Data actor: one model over a batch of rows with ``prompt`` and ``response`` columns.
