@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 from matplotlib.figure import Figure
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from prm_ray.artifacts import (
@@ -222,6 +222,8 @@ def train_prm(cfg: TrainConfig) -> dict:
     w = cfg.workers
     scaling = ScalingConfig(num_workers=w.replicas, use_gpu=w.num_gpus > 0, accelerator_type=w.accelerator_type,
                             resources_per_worker={"CPU": w.num_cpus, **({"GPU": w.num_gpus} if w.num_gpus else {})})
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "total_steps": total_steps, "rows": examples.num_rows,
@@ -229,6 +231,11 @@ def train_prm(cfg: TrainConfig) -> dict:
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if w.num_gpus > 0 else "gloo"),
         datasets={"train": ray.data.read_parquet(path)},
+        # Each worker gets the same rows in the same order on every run: without preserve_order,
+        # Ray Data hands blocks to whichever worker asks first, so a run's batches (and its loss
+        # curve) depend on timing. With it, blocks go out in file order to the worker with the
+        # fewest rows so far.
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
