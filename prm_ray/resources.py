@@ -18,6 +18,7 @@ Ray's ``accelerator_type="A10G"`` is the resource ``accelerator_type:A10G``, whi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,50 @@ import yaml
 
 from prm_ray.config import ConfigError, param
 
-__all__ = ["NodeType", "Request", "Resources", "autoscaler_config", "check", "check_cpus_left", "node_types",
-           "per_node", "plan"]
+__all__ = ["DTYPES", "NodeType", "Request", "Resources", "autoscaler_config", "check", "check_cpus_left",
+           "check_dtype", "cpu_has_native_bf16", "node_types", "per_node", "plan", "resolve_dtype"]
 
 ACCELERATOR_PREFIX = "accelerator_type:"  # ray._common.utils.RESOURCE_CONSTRAINT_PREFIX
 ACCELERATOR_AMOUNT = 0.001  # what Ray asks for per task/actor with accelerator_type=...
+
+
+DTYPES = ("auto", "bfloat16", "float32", "float16", "float64")
+"""What a stage's ``dtype`` may say. ``auto``: bfloat16 on GPUs and on CPUs with native bf16 matmuls
+(AVX512-BF16 or AMX), float32 on other CPUs, where bf16 is emulated: measured on an AVX2-only EPYC,
+a training step was 11x slower in bf16 than in fp32 (docs/bench_precision.md)."""
+
+# oneDNN ISA caps without a bf16 dot product (ONEDNN_MAX_CPU_ISA); AVX2_VNNI_2 only converts.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this machine's CPU has bf16 matmul instructions and oneDNN may use them (an
+    ``ONEDNN_MAX_CPU_ISA`` cap below AVX512_CORE_BF16 makes torch emulate bf16, as on an AVX2 CPU)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_dtype(value: str, field: str) -> None:
+    if value not in DTYPES:
+        raise ConfigError(f"{field} must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
+def resolve_dtype(dtype: str, num_gpus: float) -> str:
+    """The dtype ``auto`` means for a stage with ``num_gpus`` per replica, on this machine's CPU.
+
+    Training, the reference pass, evaluation and serving resolve once, in the driver, so every
+    replica of a run computes in the same precision and the resolved dtype is what their configs,
+    caches and reports record (on a cluster whose CPU nodes differ, pin it). Rollout engines
+    resolve on their own node and record it per shard (``engine_dtype``)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if num_gpus > 0 or cpu_has_native_bf16() else "float32"
 
 
 @dataclass

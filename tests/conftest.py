@@ -166,7 +166,7 @@ def tiny_train_ref_cache(tiny_trained_policy, tiny_train_rollouts, study_runs) -
     from prm_ray.study.specs import reference_dir
 
     cfg = from_dict(ScaleResponsesConfig, tiny_study(tiny_trained_policy[0].out, study_runs))
-    dtype = cfg.train.ref_pass.dtype
+    dtype = cfg.train.ref_pass.resolved().dtype  # what the study resolves `auto` to here
     out = reference_dir(cfg, tiny_train_rollouts, dtype)
     reference_logprobs(tiny_train_rollouts, cfg.policy, out, replace(cfg.eval.pass_config(), dtype=dtype))
     return out

@@ -42,7 +42,7 @@ def _expected(prm_path, ref_path, table, beta, aggregation):
 
 @pytest.mark.parametrize("use_ref", [True, False])
 def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_path, ray_session, tmp_path, use_ref):
-    cfg = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1)
+    cfg = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, dtype="float32")
     data = rollouts
     if use_ref:
         info = reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg)
@@ -65,7 +65,8 @@ def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_pa
             assert row["num_tokens"] == w.num_tokens
     # Re-running with the same inputs reuses the result; another config recomputes it.
     assert evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)["reused"]
-    other = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random")
+    other = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random",
+                           dtype="float32")
     assert not evaluate_prm(tiny_prm_path, data, tmp_path / "eval", other, beta=0.3, overwrite=True)["reused"]
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"]["bon@4"] == pytest.approx(

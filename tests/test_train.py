@@ -162,12 +162,14 @@ def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_traine
     with pytest.raises(ValueError, match="ref_cache"):
         add_reference_logprobs(examples, cfg, tmp_path / "wrong")
 
-    # A cache in another dtype (the study's bf16 scoring) would train on other numbers: refused.
+    # A cache in another dtype than the one this training's reference pass resolves to would
+    # train on other numbers: refused.
     cfg.reference_model = None
-    reference_logprobs(rollouts, policy, tmp_path / "bf16", EvaluateConfig(dtype="bfloat16"))
-    cfg.ref_cache = str(tmp_path / "bf16")
-    with pytest.raises(ValueError, match="ref_cache: .* bfloat16"):
-        add_reference_logprobs(examples, cfg, tmp_path / "bf16-run")
+    other = "float32" if cfg.ref_pass.resolved().dtype == "bfloat16" else "bfloat16"
+    reference_logprobs(rollouts, policy, tmp_path / other, EvaluateConfig(dtype=other))
+    cfg.ref_cache = str(tmp_path / other)
+    with pytest.raises(ValueError, match=f"ref_cache: .* {other}"):
+        add_reference_logprobs(examples, cfg, tmp_path / "other-dtype-run")
 
 
 def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
@@ -229,7 +231,7 @@ def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
     assert all(0 < p < 1 for w in want for p in w.step_rewards)
     with pytest.raises(Exception, match="eval.use_reference"):
         evaluate_prm(cfg.out, rollouts, tmp_path / "eval-ref", EvaluateConfig(replicas=1))
-    ecfg = EvaluateConfig(use_reference=False, replicas=1, batch_size=32, micro_batch_size=5)
+    ecfg = EvaluateConfig(use_reference=False, replicas=1, batch_size=32, micro_batch_size=5, dtype="float32")
     evaluate_prm(cfg.out, rollouts, tmp_path / "eval", ecfg)
     got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
     for w, r in zip(want, rows):

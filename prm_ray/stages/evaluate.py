@@ -109,6 +109,7 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     settings is refused (``overwrite`` replaces it).
     """
     out = Path(out)
+    cfg = cfg.resolved()
     key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
     info = read_json(out / REF_DONE)
     if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
@@ -171,6 +172,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     ``cfg.use_reference``, plain rollouts otherwise. ``beta`` defaults to the PRM card's.
     """
     out = Path(out)
+    cfg = cfg.resolved()
     card = read_prm_card(prm)
     beta = float(beta if beta is not None else card.get("beta", 0.05))
     if card.get("kind") == "explicit" and cfg.use_reference:
@@ -185,7 +187,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     scored = score(data, prm, out / "scores", cfg, beta)
     problems = problems_from_scores(out / "scores", cfg.aggregation)
     result = {"key": key, "metrics": metrics(problems, cfg), "problems": len(problems),
-              "samples_per_problem": len(problems[0]["correct"]), "score_seconds": scored["seconds"],
+              "samples_per_problem": len(problems[0]["correct"]), "score_seconds": scored["seconds"], "dtype": cfg.dtype,
               "responses": sum(len(p["correct"]) for p in problems)}
     save_config(cfg, out / EVAL_CONFIG)
     write_json(out / METRICS_FILE, result)

@@ -14,9 +14,10 @@ micro-batches, so padding stays small.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import pyarrow as pa
 import torch
@@ -24,7 +25,7 @@ import torch
 from prm_ray.config import ConfigError, param
 from prm_ray.core.reward import AGGREGATIONS, response_logprobs
 from prm_ray.models import device_for, load_causal_lm, load_tokenizer
-from prm_ray.resources import Resources
+from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM, assemble, load_prm
 from prm_ray.tokens import TokenizedItem, collate_items, encode_pair, max_context, pad_token_id
 
@@ -54,20 +55,24 @@ class LogprobPassConfig(Resources):
     num_cpus: float = 0.5
     batch_size: int = param(256, "rows per Ray Data batch (sorted by length into micro-batches)")
     micro_batch_size: int = param(32, "sequences per forward pass")
-    dtype: str = param("float32", "dtype of the model in this pass (float32, bfloat16, float64)")
+    dtype: str = param("auto", "the model's dtype in this pass: auto (bfloat16 on GPUs and on CPUs with native "
+                               "bf16, else float32), bfloat16, float32, float16 or float64")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.section}{name} must be >= 1, got {getattr(self, name)}")
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ConfigError(f"{self.section}dtype must name a torch dtype (float32, bfloat16, ...), "
-                              f"got {self.dtype!r}")
+        check_dtype(self.dtype, f"{self.section}dtype")
         super().__post_init__()
+
+    def resolved(self) -> Self:
+        """This config with ``dtype: auto`` replaced by what it means here (see
+        :func:`prm_ray.resources.resolve_dtype`): what the pass runs in, keys its cache with and records."""
+        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, self.num_gpus))
 
     def actor_kwargs(self, model: str, output: str, **extra) -> dict:
         """:class:`ModelPass`'s constructor arguments for a pass of ``model`` under this config."""
-        return {"model": model, "output": output, "dtype": self.dtype, "micro_batch_size": self.micro_batch_size,
+        return {"model": model, "output": output, "dtype": resolve_dtype(self.dtype, self.num_gpus), "micro_batch_size": self.micro_batch_size,
                 "threads": self.torch_threads, "num_gpus": self.num_gpus, **extra}
 
 

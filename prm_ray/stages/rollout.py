@@ -43,14 +43,14 @@ from prm_ray.artifacts import (
 )
 from prm_ray.config import ConfigError, from_dict, param, save_config, to_dict
 from prm_ray.core.flops import forward_flops
-from prm_ray.resources import Resources
+from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.stages.runtime import init_ray, measure
 from prm_ray.stages.shards import one_shard, stream_shards
 from prm_ray.tasks import Instruction, Task, get_task
 from prm_ray.tasks.arith import ArithConfig
 
 __all__ = ["SCHEMA", "EngineConfig", "RolloutConfig", "SamplingConfig", "VLLMSampler", "Verifier", "VerifierConfig",
-           "engine_environment", "llm_kwargs", "make_task", "resolve_dtype", "run_rollouts", "sample_seed", "summarize", "write_shard"]
+           "engine_environment", "llm_kwargs", "make_task", "run_rollouts", "sample_seed", "summarize", "write_shard"]
 
 SCHEMA = pa.schema([
     ("instruction_id", pa.string()),
@@ -118,6 +118,7 @@ class EngineConfig(Resources):
         super().__post_init__()
         if self.threads is not None:
             raise ConfigError("engine.threads: vLLM sizes its own threads (see engine.cpu_reserved_cpus); leave it null")
+        check_dtype(self.dtype, "engine.dtype")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"engine.max_model_len must be >= 2 or null, got {self.max_model_len}")
         if self.num_gpus and self.num_gpus != self.tensor_parallel_size:
@@ -197,22 +198,6 @@ def resolve_temperature(cfg: RolloutConfig) -> float:
         return cfg.sampling.temperature
     card = rollout_temperature(cfg.model)
     return card if card is not None else 1.0
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matmul instructions (where bf16 beats fp32; elsewhere it is
-    emulated and slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, num_gpus: float) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if num_gpus > 0 or cpu_has_native_bf16() else "float32"
 
 
 def engine_environment(engine: dict) -> dict[str, str]:

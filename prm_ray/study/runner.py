@@ -248,8 +248,10 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
 
 def _resolved(cfg: StudyConfig) -> StudyConfig:
     """Absolute paths: Ray actors may run in another working directory (``ray job submit
-    --working-dir``), and stage hashes should not depend on how a path was spelled."""
+    --working-dir``), and stage hashes should not depend on how a path was spelled. Precisions:
+    ``auto`` resolved for this hardware, so stage hashes and the saved config say what ran."""
     cfg = copy.deepcopy(cfg)
+    cfg.train, cfg.eval = cfg.train.resolved(), cfg.eval.resolved()
     cfg.runs_dir = str(Path(cfg.runs_dir).resolve())
 
     def local(path: str) -> bool:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from prm_ray.config import ConfigError, param
 from prm_ray.core.objectives import get_objective
-from prm_ray.resources import Resources
+from prm_ray.resources import Resources, resolve_dtype
 from prm_ray.stages.logprobs import LogprobPassConfig
 from prm_ray.stages.train.examples import DatasetConfig
 
-__all__ = ["LOGGERS", "TrainConfig", "absolute_paths"]
+__all__ = ["LOGGERS", "TRAIN_PRECISIONS", "TrainConfig", "absolute_paths"]
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
+TRAIN_PRECISIONS = ("auto", "bfloat16", "float32")
 
 
 def _workers() -> Resources:
@@ -46,7 +48,8 @@ class TrainConfig:
     global_batch_size: int = param(64, "examples per optimizer step, over all workers")
     micro_batch_size: int = param(16, "examples per forward pass per worker (gradient accumulation fills the rest)")
     max_grad_norm: float = param(1.0, "gradient clipping")
-    bf16: bool = param(True, "bf16 autocast (weights and optimizer stay float32)")
+    precision: str = param("auto", "bfloat16: bf16 autocast (weights and optimizer stay float32) | float32 | "
+                                   "auto: bfloat16 on GPUs and on CPUs with native bf16, else float32")
     max_optimizer_steps: int | None = param(None, "stop after this many optimizer steps; null: every epoch")
     kto_desirable_weight: float = param(1.0, "KTO's lambda_D")
     kto_undesirable_weight: float = param(1.0, "KTO's lambda_U")
@@ -61,7 +64,7 @@ class TrainConfig:
                                          help="explicit PRMs: the two single tokens whose logits at a step's last "
                                               "token give its score, logit(+) - logit(-)")
     ref_cache: str | None = param(None, "per-token reference log-probs of the rollouts (prm_ray.stages.evaluate."
-                                        "reference_logprobs, in ref_pass.dtype): responses found there skip the "
+                                        "reference_logprobs, in ref_pass.dtype resolved): responses found there skip the "
                                         "reference pass")
     loggers: list[str] = param(factory=lambda: ["tensorboard"],
                                help="where metrics go besides metrics.jsonl: tensorboard (<out>/tensorboard), "
@@ -86,9 +89,21 @@ class TrainConfig:
         if len(self.step_label_tokens) != 2 or len(set(self.step_label_tokens)) != 2:
             raise ConfigError(f"step_label_tokens must be two different tokens [positive, negative], "
                               f"got {self.step_label_tokens!r}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
         bad = [x for x in self.loggers if x not in LOGGERS]
         if bad:
             raise ConfigError(f"loggers: {bad} unknown; valid: {', '.join(LOGGERS)}")
+
+    def resolved(self) -> TrainConfig:
+        """This config with every ``auto`` precision replaced by what it means on this hardware
+        (:func:`prm_ray.resources.resolve_dtype`): what the run records, keys and trains with."""
+        return dataclasses.replace(self, precision=resolve_dtype(self.precision, self.workers.num_gpus),
+                                   ref_pass=self.ref_pass.resolved())
+
+    @property
+    def autocast(self) -> bool:
+        return resolve_dtype(self.precision, self.workers.num_gpus) == "bfloat16"
 
     @property
     def reference_path(self) -> str:
