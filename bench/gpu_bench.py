@@ -9,11 +9,11 @@ install. Random-init Llama shapes with a 32k vocabulary; rows of arith-style ste
 are drawn uniformly from [min_len, seq_len] tokens (the character tokenizer: one token per
 character), so padding is that of real, variable-length responses. Per shape:
 
-- **training**: prm-ray's micro-batch (`stages.train.step.micro_batch_loss`, CE: it tokenizes
-  each row, pads to the longest, runs the model under bf16 autocast with fp32 weights) plus
-  backward and AdamW, against a plain step on the same rows pre-tokenized and padded once
-  (same model, precision, loss and optimizer; the LM head and a fused `cross_entropy` on
-  response positions only). Tokens/s and MFU =
+- **training**: prm-ray's micro-batch (`stages.train.step.micro_batch_loss`, CE: it pads the
+  rows' token columns, tokenized once beforehand as training does, to the longest, runs the
+  model under bf16 autocast with fp32 weights) plus backward and AdamW, against a plain step on
+  the same rows padded once (same model, precision, loss and optimizer; the LM head and a fused
+  `cross_entropy` on response positions only). Tokens/s and MFU =
   6 x params x tokens/s over the device's dense bf16 peak.
 - **scoring**: `ImplicitPRM.score` (policy and reference, `score_batch_size` responses per
   batch, bf16 weights on a GPU) against a plain forward of both models on the same batches
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 import transformers
@@ -48,8 +49,9 @@ from prm_ray.policy import ModelShape, build_char_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.scoring import ImplicitPRM
 from prm_ray.stages.train import TrainConfig
+from prm_ray.stages.train.examples import tokenize_examples
 from prm_ray.stages.train.step import StepContext, micro_batch_loss
-from prm_ray.tokens import collate_items, encode_pair, pad_token_id
+from prm_ray.tokens import collate_items, collate_tokens, pad_token_id
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # Llama shapes; parameters with a 32k vocabulary and untied embeddings
@@ -153,13 +155,14 @@ def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig,
     tcfg = TrainConfig(micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.micro_batch_size, beta=0.05,
                        workers=Resources(replicas=1), loggers=[])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ctx = StepContext(model, tok, tcfg, model.config.max_position_embeddings, pad_token_id(tok), device, autocast)
+    ctx = StepContext(model, tcfg, pad_token_id(tok), device, autocast)
     pre = []
-    if path == "plain":  # tokenized and padded once, outside the clock
+    if path == "plain":  # padded once, outside the clock
         for b in batches:
-            t = collate_items([encode_pair(tok, p, r) for p, r in zip(b["prompt"], b["response"])], pad_token_id(tok))
+            t = collate_tokens(b, pad_token_id(tok), prefix="response_")
             pre.append({k: v.to(device) for k, v in t.items()} | {
-                "ref": torch.tensor(b["ref_logp"], device=device), "label": torch.tensor(b["label"], device=device)})
+                "ref": torch.tensor(b.column("ref_logp").to_pylist(), device=device),
+                "label": torch.tensor(b.column("label").to_pylist(), device=device)})
     tokens: list[int] = []
     first: list[float] = []
 
@@ -184,8 +187,9 @@ def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig,
 def bench_training(model_fn, tok, rows: list[dict], cfg: GpuBenchConfig, device: torch.device,
                    autocast: bool) -> dict:
     mb = cfg.micro_batch_size
-    batches = [{k: [r[k] for r in rows[i * mb:(i + 1) * mb]] for k in rows[0]}
-               for i in range(cfg.warmup + cfg.steps)]
+    # Tokenized once, outside the clock, as training reads a dataset's cached token columns.
+    table = tokenize_examples(pa.Table.from_pylist(rows[: (cfg.warmup + cfg.steps) * mb]), tok)
+    batches = [table.slice(i * mb, mb) for i in range(cfg.warmup + cfg.steps)]
     results: dict = {"first_loss": {}}
     for path in ("project", "plain"):
         torch.manual_seed(cfg.seed)  # the same initial weights for both paths
@@ -251,7 +255,7 @@ def run(cfg: GpuBenchConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     gpu = device.type == "cuda"
-    # On a GPU: fp32 weights + bf16 autocast for training (prm-ray's train.bf16) and bf16 weights
+    # On a GPU: fp32 weights + bf16 autocast for training (prm-ray's train.precision bfloat16) and bf16 weights
     # for scoring (the study's eval dtype). --quick: float32 throughout, so both paths must agree.
     autocast, score_dtype = (True, torch.bfloat16) if gpu else (False, torch.float32)
     tok = build_char_tokenizer(model_max_length=1024)

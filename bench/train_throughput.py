@@ -43,6 +43,7 @@ from prm_ray.policy import ModelShape, build_char_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.stages.rollout import SCHEMA
 from prm_ray.stages.train import TrainConfig, train_prm
+from prm_ray.stages.train.examples import tokenize_examples
 from prm_ray.stages.train.step import StepContext, micro_batch_loss, sequence_logprobs
 from prm_ray.tasks.arith import ArithTask
 from prm_ray.tokens import max_context, pad_token_id
@@ -108,18 +109,20 @@ def plain_loop(model_dir: str, examples: list[dict], micro: int, steps: int, wit
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval() if with_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cfg = TrainConfig(micro_batch_size=micro, global_batch_size=micro, workers=Resources(replicas=1), loggers=[])
-    ml, pad = max_context(model), pad_token_id(tok)
-    dev = torch.device("cpu")
-    ctx = StepContext(model, tok, cfg, ml, pad, dev, autocast=True)
-    ref_ctx = StepContext(ref, tok, cfg, ml, pad, dev, autocast=True) if ref is not None else None
+    pad, dev = pad_token_id(tok), torch.device("cpu")
+    ctx = StepContext(model, cfg, pad, dev, autocast=True)
+    ref_ctx = StepContext(ref, cfg, pad, dev, autocast=True) if ref is not None else None
+    # Tokenized once, as training reads a dataset's cached token columns.
+    table = tokenize_examples(pa.Table.from_pylist(examples[: steps * micro]), tok, max_context(model))
     rates = []
     for step in range(steps):
-        rows = {k: [e[k] for e in examples[step * micro:(step + 1) * micro]] for k in examples[0]}
+        rows = table.slice(step * micro, micro)
         t0 = time.perf_counter()
         if ref_ctx is not None:  # what the paper's trainer does on every step
             with torch.no_grad():
-                lp, _ = sequence_logprobs(ref_ctx, rows["prompt"], rows["response"])
-            rows["ref_logp"] = lp.tolist()
+                lp, _ = sequence_logprobs(ref_ctx, rows, "response")
+            rows = rows.set_column(rows.schema.get_field_index("ref_logp"), "ref_logp",
+                                   pa.array(lp.double().tolist(), pa.float64()))
         loss, stats = micro_batch_loss(ctx, rows)
         loss.backward()
         opt.step()

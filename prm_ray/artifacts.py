@@ -32,7 +32,7 @@ from prm_ray.config import ConfigError
 
 __all__ = [
     "ATTEMPTS_FILE", "EVAL_CONFIG", "METRICS_FILE", "POLICY_CARD", "PRM_CARD", "REF_DONE", "ROLLOUT_META",
-    "RUNS_FILE", "SHEPHERD_META", "SKIPPED_FILE", "STATE_FILE", "SUMMARY_FILE", "TRAIN_METRICS", "TRAIN_REPORT",
+    "RUNS_FILE", "SHEPHERD_META", "SKIPPED_FILE", "STATE_FILE", "SUMMARY_FILE", "TOKENS_DONE", "TRAIN_METRICS", "TRAIN_REPORT",
     "append_run", "check_columns", "check_settings", "data_dir", "delete_run", "fingerprint", "first_difference",
     "load_rollouts", "read_json", "read_jsonl", "read_policy_card", "read_prm_card", "read_timing",
     "rollout_temperature", "run_exists", "shard_path", "train_run_location", "write_json",
@@ -47,6 +47,8 @@ SKIPPED_FILE = "skipped_rows.json"
 RUNS_FILE = "runs.jsonl"  # one line per invocation that did work: its timing (the cost survives reuse)
 # Reference log-prob caches (prm_ray.stages.evaluate.reference_logprobs)
 REF_DONE = "_ref_logprobs.json"
+# Token columns of a dataset (prm_ray.stages.tokenize), in <data>/tokens-<key>/
+TOKENS_DONE = "_tokens.json"
 # Trained PRMs (prm_ray.stages.train)
 PRM_CARD = "prm_ray_prm.json"  # kind (implicit/explicit), beta, reference model, objective
 TRAIN_REPORT = "train_report.json"

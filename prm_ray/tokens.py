@@ -10,13 +10,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from prm_ray.config import ConfigError
 from prm_ray.core.reward import step_ids_from_offsets
 
-__all__ = ["TokenizedItem", "collate_items", "encode_pair", "max_context", "pad_token_id", "prompt_ids", "prompt_token_counts",
-           "render_prompt", "step_label_token_ids"]
+__all__ = ["TOKEN_FIELDS", "TokenizedItem", "collate_items", "collate_tokens", "encode_pair", "encode_table",
+           "list_values", "max_context", "pad_token_id", "prompt_ids", "prompt_token_counts", "render_prompt",
+           "splice_prompts", "step_label_token_ids"]
+
+TOKEN_FIELDS = (
+    ("input_ids", pa.list_(pa.int32())),  # prompt ids + response ids (+ EOS), as encode_pair makes them
+    ("prompt_len", pa.int32()),  # the response starts here
+    ("step_ids", pa.list_(pa.int32())),  # the step of each response token (len(input_ids) - prompt_len)
+    ("num_steps", pa.int32()),
+)
+"""A tokenized prompt+response as Arrow columns: computed once per dataset (prm_ray.stages.tokenize),
+read by training without any per-row Python (:func:`collate_tokens`)."""
 
 
 def render_prompt(tokenizer, user_text: str) -> str:
@@ -152,3 +165,82 @@ def prompt_token_counts(tokenizer, prompts: Sequence[str]) -> list[int]:
     distinct prompt."""
     cache = {p: len(prompt_ids(tokenizer, p)) for p in set(prompts)}
     return [cache[p] for p in prompts]
+
+
+def encode_table(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, chat_template: bool = True,
+                 append_eos: bool = True, separator: str = "\n\n", names: Sequence[str] | None = None) -> pa.Table:
+    """:data:`TOKEN_FIELDS` columns of each prompt+response, exactly what :func:`encode_pair` gives
+    (a test checks it), with the responses tokenized in one batched call and each distinct prompt once.
+    ``names`` name the rows in errors (default: their index)."""
+    p_cache = {p: prompt_ids(tokenizer, p, chat_template=chat_template) for p in set(prompts)}
+    enc = tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
+    ids, plen, steps, nsteps = [], [], [], []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        p_ids = p_cache[p]
+        if not p_ids:
+            raise ValueError(f"{names[i] if names else f'row {i}'}: the prompt is empty after rendering; the first response token needs a "
+                             "context (use the chat template or include BOS)")
+        r_ids, offsets = list(enc["input_ids"][i]), [tuple(o) for o in enc["offset_mapping"][i]]
+        if append_eos:
+            r_ids.append(tokenizer.eos_token_id)
+            offsets.append((len(r), len(r)))  # zero-width: joins the last step
+        step_ids, texts = step_ids_from_offsets(r, offsets, separator)
+        ids.append(p_ids + r_ids)
+        plen.append(len(p_ids))
+        steps.append(step_ids)
+        nsteps.append(len(texts))
+    return pa.Table.from_arrays([pa.array(col, typ) for col, (_, typ) in zip((ids, plen, steps, nsteps), TOKEN_FIELDS)],
+                                names=[name for name, _ in TOKEN_FIELDS])
+
+
+def list_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, lengths) of a list column, slices and chunks included."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False), pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+
+
+def collate_tokens(batch: pa.Table, pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """:func:`collate_items` of a batch of :data:`TOKEN_FIELDS` columns (named ``prefix + field``),
+    built with array operations from the Arrow buffers: no Python loop over rows."""
+    ids, lens = list_values(batch.column(prefix + "input_ids"))
+    steps, _ = list_values(batch.column(prefix + "step_ids"))
+    plen = batch.column(prefix + "prompt_len").to_numpy().astype(np.int64)
+    B, L = len(lens), int(lens.max()) if len(lens) else 0
+    row, pos = _flat_positions(lens)
+    input_ids = np.full((B, L), pad_id, dtype=np.int64)
+    input_ids[row, pos] = ids
+    positions = np.arange(L)[None, :]
+    attention = positions < lens[:, None]
+    response = attention & (positions >= plen[:, None])
+    step_ids = np.full((B, L), -1, dtype=np.int64)
+    step_ids[response] = steps  # row-major order of the response positions = the flat step list's order
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention.astype(np.int64)),
+            "response_mask": torch.from_numpy(response), "step_ids": torch.from_numpy(step_ids)}
+
+
+def _flat_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position in its row) of every element of a flattened list column."""
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    return row, np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def splice_prompts(prompt_rows: pa.Table, response_rows: pa.Table) -> pa.Table:
+    """:data:`TOKEN_FIELDS` of row i's prompt joined to row i's response of ``response_rows``
+    (KTO's mismatched pairs: this instruction's prompt, another one's completion); exactly what
+    encoding that prompt and that response together gives, since the two are tokenized apart."""
+    p_vals, p_lens = list_values(prompt_rows.column("input_ids"))
+    r_vals, r_lens = list_values(response_rows.column("input_ids"))
+    p_plen = prompt_rows.column("prompt_len").to_numpy().astype(np.int64)
+    r_plen = response_rows.column("prompt_len").to_numpy().astype(np.int64)
+    p_row, p_pos = _flat_positions(p_lens)
+    r_row, r_pos = _flat_positions(r_lens)
+    keep_p, keep_r = p_pos < p_plen[p_row], r_pos >= r_plen[r_row]
+    rows = np.concatenate([p_row[keep_p], r_row[keep_r]])
+    part = np.concatenate([np.zeros(int(keep_p.sum()), np.int8), np.ones(int(keep_r.sum()), np.int8)])
+    values = np.concatenate([p_vals[keep_p], r_vals[keep_r]])[np.lexsort((part, rows))]  # by row, prompt first
+    lengths = p_plen + r_lens - r_plen
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
+    return pa.table({"input_ids": input_ids, "prompt_len": prompt_rows.column("prompt_len"),
+                     "step_ids": response_rows.column("step_ids"), "num_steps": response_rows.column("num_steps")},
+                    schema=pa.schema(TOKEN_FIELDS))

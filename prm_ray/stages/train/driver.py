@@ -1,6 +1,7 @@
 """Training an implicit PRM on Ray Train: the driver.
 
-    rollouts (Parquet) --build_examples--> rows or pairs --Ray Data reference pass--> + reference log-probs
+    rollouts (Parquet) --build_examples--> rows or pairs --+ token columns (once per dataset, Ray Data)
+        --Ray Data reference pass--> + reference log-probs
         --> TorchTrainer (N workers, DDP/FSDP, gloo on CPU, NCCL on GPU) --> HF checkpoint in <out>/
 
 Departures from the paper's code (OpenRLHF fork, one ~460-line trainer per loss):
@@ -8,6 +9,8 @@ Departures from the paper's code (OpenRLHF fork, one ~460-line trainer per loss)
 - the reference model's sequence log-probs are computed ONCE in a batched Ray Data pass and
   stored with the examples, so training runs only the trained model (the paper's code re-runs the
   reference on every step: about twice the forward compute);
+- the examples arrive tokenized: token columns made once per dataset (:mod:`prm_ray.stages.tokenize`),
+  where the paper's code tokenizes in its Dataset, per run;
 - KTO's KL reference point uses the same precomputed reference log-probs for the mismatched
   completions and is averaged across workers before clamping.
 """
@@ -48,12 +51,13 @@ from prm_ray.artifacts import (
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.core.flops import train_flops
 from prm_ray.core.objectives import get_objective
-from prm_ray.models import count_parameters
+from prm_ray.models import context_length, count_parameters
 from prm_ray.resources import check_cpus_left
 from prm_ray.stages.logprobs import ModelPass
 from prm_ray.stages.runtime import cluster_cpus, init_ray, map_actors
+from prm_ray.stages.tokenize import read_tokens, tokenize_dataset
 from prm_ray.stages.train.config import TrainConfig, absolute_paths
-from prm_ray.stages.train.examples import build_examples
+from prm_ray.stages.train.examples import attach_tokens, build_examples
 from prm_ray.stages.train.loggers import check_loggers
 from prm_ray.stages.train.worker import train_loop_per_worker
 
@@ -113,7 +117,7 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
     if not cfg.use_reference:
         known = dict.fromkeys(wanted, 0.0)  # "w/o ref": log pi_ref := 0, the reward is beta * log pi_phi
     elif cfg.ref_cache:
-        cache = load_ref_cache(cfg.ref_cache, cfg.reference_path, cfg.ref_pass.dtype)
+        cache = load_ref_cache(cfg.ref_cache, cfg.reference_path, cfg.ref_pass.resolved().dtype)
         known = {k: cache[k] for k in wanted if k in cache}
     missing = sorted(wanted - known.keys())
     if missing:
@@ -181,7 +185,7 @@ def train_prm(cfg: TrainConfig) -> dict:
     An output directory trained with the same settings is reused (a finished run) or resumed (an
     unfinished one); one trained with other settings is refused unless ``cfg.overwrite``.
     """
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(cfg).resolved()
     out = Path(cfg.out)
     done = _check_output(out, cfg)
     if done:
@@ -209,6 +213,10 @@ def train_prm(cfg: TrainConfig) -> dict:
     init_ray(cfg.ray_address)
     check_cpus_left(cfg.workers, "workers", cluster_cpus())
     examples = examples.take(_permutation(examples.num_rows, cfg.seed))
+    t0 = time.time()
+    tokens_path, tokens_info = tokenize_dataset(cfg.data, cfg.model)
+    examples = attach_tokens(examples, read_tokens(tokens_path), context_length(cfg.model))
+    timings["tokenize_s"] = time.time() - t0
     path, timings["reference_pass_s"], ref_counts = add_reference_logprobs(examples, cfg, out)
 
     total_steps = steps_per_epoch * cfg.epochs
@@ -269,6 +277,8 @@ def train_prm(cfg: TrainConfig) -> dict:
         "compute": {"params": params, "trained_tokens": tokens, "flops": train_flops(params, tokens),
                     "reference_sequences_scored": ref_counts["scored"]},
         "dataset": data_report, "timings": timings, "reference_pass": ref_counts,
+        "precision": {"train": cfg.precision, "reference_pass": cfg.ref_pass.dtype},
+        "tokens": {**tokens_info, "path": str(tokens_path)},
         "final_metrics": history[-1] if history else None, "restarts": _restarts(history),
         "attempts": read_jsonl(out / ATTEMPTS_FILE),
     }

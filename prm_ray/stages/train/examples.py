@@ -1,6 +1,6 @@
 """Training examples for an implicit PRM, built from a rollout Parquet dataset (docs/rollouts.md).
 
-Pure pyarrow + Python (no Ray), so it runs anywhere: in a driver, in a Ray Data task, or in a test. The small per-row columns (instruction id, sample index, correct, verify status) are
+Pure pyarrow + Python (no Ray; tokenizers through :mod:`prm_ray.tokens`), so it runs anywhere: in a driver, in a Ray Data task, or in a test. The small per-row columns (instruction id, sample index, correct, verify status) are
 pulled into Python to decide *which* rows survive; the text columns (prompt, response) are never
 copied into Python, they are gathered with ``Table.take``.
 
@@ -27,21 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from prm_ray.artifacts import check_columns, load_rollouts
 from prm_ray.config import ConfigError, param
 from prm_ray.core.objectives import OBJECTIVES, get_objective
 from prm_ray.tasks import LABELLED, UNVERIFIABLE
+from prm_ray.tokens import TOKEN_FIELDS, encode_table, splice_prompts
 
 __all__ = [
     "BALANCE_MODES",
     "DatasetConfig",
     "LABEL_TYPE",
     "REQUIRED_COLUMNS",
+    "RESPONSE_KEYS",
+    "attach_tokens",
     "build_examples",
     "describe",
     "output_schema",
     "selected_rows",
+    "tokenize_examples",
 ]
 
 BALANCE_MODES = ("none", "dataset", "instruction")
@@ -75,6 +80,17 @@ _PAIRED_FIELDS = [
     ("chosen_index", pa.int32()),  # sample_index of `chosen`
     ("rejected_index", pa.int32()),  # sample_index of `rejected`
 ]
+
+RESPONSE_KEYS = {
+    "response": ("instruction_id", "sample_index"),
+    "chosen": ("instruction_id", "chosen_index"),
+    "rejected": ("instruction_id", "rejected_index"),
+    "kl_response": ("kl_instruction_id", "kl_sample_index"),
+}
+"""Each text column of the examples a model reads, and the rollout row it came from. Its tokens are
+the columns ``<text column>_<field>`` for every field of :data:`prm_ray.tokens.TOKEN_FIELDS`.
+``kl_response`` is read after the example's own prompt (``instruction_id``, ``sample_index``), not
+after its own instruction's."""
 
 INSTRUCTION_DROP_REASONS = ("all_unverifiable", "not_sampled", "all_correct", "all_incorrect",
                             "balanced_away")
@@ -537,3 +553,82 @@ def describe(report: dict) -> str:
     if report.get("notes"):
         text += " Note: " + " ".join(report["notes"])
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens: joined from a dataset's token table (computed once per dataset, prm_ray.stages.tokenize)
+# --------------------------------------------------------------------------------------------
+
+
+def _row_name(examples: pa.Table, i: int, icol: str = "instruction_id", jcol: str = "sample_index") -> str:
+    if icol in examples.column_names and jcol in examples.column_names:
+        return f"instruction {examples.column(icol)[i].as_py()!r} sample {examples.column(jcol)[i].as_py()}"
+    return f"row {i}"
+
+
+def _check_lengths(examples: pa.Table, max_length: int | None) -> None:
+    for col, (icol, jcol) in RESPONSE_KEYS.items():
+        if max_length is None or f"{col}_input_ids" not in examples.column_names:
+            continue
+        lengths = pc.list_value_length(examples.column(f"{col}_input_ids"))
+        too_long = pc.indices_nonzero(pc.greater(lengths, max_length)).to_pylist()
+        if too_long:
+            i = too_long[0]
+            raise ValueError(f"{len(too_long)} {col} sequences exceed max_position_embeddings {max_length} (inputs "
+                             f"are never truncated), e.g. {_row_name(examples, i, icol, jcol)}: "
+                             f"{lengths[i].as_py()} tokens")
+
+
+def _check_step_labels(examples: pa.Table) -> None:
+    """Math-Shepherd rows: one label per step of the response as this tokenizer splits it."""
+    if "step_labels" not in examples.column_names:
+        return
+    bad = pc.indices_nonzero(pc.not_equal(pc.list_value_length(examples.column("step_labels")),
+                                          examples.column("response_num_steps"))).to_pylist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{_row_name(examples, i)}: {len(examples.column('step_labels')[i])} "
+                         f"step labels but the response has {examples.column('response_num_steps')[i].as_py()} "
+                         f"steps for this tokenizer; label with the model being trained ({len(bad)} such rows)")
+
+
+def attach_tokens(examples: pa.Table, tokens: pa.Table, max_length: int | None = None) -> pa.Table:
+    """The examples plus the token columns of each text column they have (:data:`RESPONSE_KEYS`),
+    taken from ``tokens`` (one row per ``(instruction_id, sample_index)``) by the row's key.
+
+    Sequences longer than ``max_length`` and step labels that do not match the tokenizer's steps
+    raise ValueError naming a row; nothing is truncated or dropped."""
+    index = {k: i for i, k in enumerate(zip(tokens.column("instruction_id").to_pylist(),
+                                            tokens.column("sample_index").to_pylist()))}
+    fields = tokens.select([name for name, _ in TOKEN_FIELDS])
+    for col, (icol, jcol) in RESPONSE_KEYS.items():
+        if col not in examples.column_names:
+            continue
+        keys = zip(examples.column(icol).to_pylist(), examples.column(jcol).to_pylist())
+        try:
+            taken = fields.take(pa.array([index[k] for k in keys], pa.int64()))
+            if col == "kl_response":
+                own = zip(examples.column("instruction_id").to_pylist(), examples.column("sample_index").to_pylist())
+                taken = splice_prompts(fields.take(pa.array([index[k] for k in own], pa.int64())), taken)
+        except KeyError as exc:
+            raise ValueError(f"the token table has no row for instruction {exc.args[0][0]!r} sample "
+                             f"{exc.args[0][1]} ({col}): it was made from other data") from None
+        for name in taken.column_names:
+            examples = examples.append_column(f"{col}_{name}", taken.column(name))
+    _check_lengths(examples, max_length)
+    _check_step_labels(examples)
+    return examples
+
+
+def tokenize_examples(examples: pa.Table, tokenizer, max_length: int | None = None) -> pa.Table:
+    """:func:`attach_tokens` without a token table: each text column tokenized here, in process
+    (benchmarks and tests; training reads the cached table)."""
+    prompts = examples.column("prompt").to_pylist()
+    for col in RESPONSE_KEYS:
+        if col in examples.column_names:
+            taken = encode_table(tokenizer, prompts, examples.column(col).to_pylist())
+            for name in taken.column_names:
+                examples = examples.append_column(f"{col}_{name}", taken.column(name))
+    _check_lengths(examples, max_length)
+    _check_step_labels(examples)
+    return examples

@@ -1,4 +1,7 @@
-"""One micro-batch of training, for any objective: rows -> implicit rewards (or step logits) -> loss.
+"""One micro-batch of training, for any objective: token columns -> implicit rewards (or step logits) -> loss.
+
+The rows arrive tokenized (Arrow list columns, computed once per dataset), so a step does no
+per-row Python: padding is array operations over the Arrow buffers (:func:`prm_ray.tokens.collate_tokens`).
 
 Pure PyTorch (``torch.distributed`` only for KTO's global reference point): the Ray Train worker
 loop (:mod:`prm_ray.stages.train.worker`) and the throughput benchmark call :func:`micro_batch_loss`.
@@ -12,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -19,7 +24,7 @@ from prm_ray.core.losses import kto_reference_point
 from prm_ray.core.objectives import get_objective
 from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_logits
 from prm_ray.stages.train.config import TrainConfig
-from prm_ray.tokens import collate_items, encode_pair
+from prm_ray.tokens import TOKEN_FIELDS, collate_tokens, list_values
 
 __all__ = ["StepContext", "micro_batch_loss", "reduce_stats", "sequence_logprobs"]
 
@@ -28,40 +33,47 @@ STAT_KEYS = ("loss", "acc", "reward_correct", "reward_incorrect", "n_correct", "
 
 @dataclass
 class StepContext:
-    """What a micro-batch needs besides its rows: the model and how to tokenize and run it."""
+    """What a micro-batch needs besides its rows: the model and how to run it."""
 
     model: torch.nn.Module
-    tokenizer: Any
     cfg: TrainConfig
-    max_length: int | None
     pad_id: int
     device: torch.device
     autocast: bool
     label_token_ids: tuple[int, int] | None = None  # explicit PRMs: the "+" / "-" token ids
 
 
-def sequence_logprobs(ctx: StepContext, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, int]:
-    """``log pi_phi(response | prompt)`` per row (response tokens, EOS included) and the tokens run."""
-    items = [encode_pair(ctx.tokenizer, p, r, max_length=ctx.max_length) for p, r in zip(prompts, responses)]
-    t = collate_items(items, ctx.pad_id)
+def _floats(batch: pa.Table, col: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(batch.column(col).to_numpy().astype(np.float32)).to(device)
+
+
+def _tokens(batch: pa.Table, columns: tuple[str, ...], pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded tensors of the token columns of ``columns`` (text columns, e.g. chosen and
+    rejected), stacked in that order into one batch: one forward pass for all of them."""
+    names = [name for name, _ in TOKEN_FIELDS]
+    parts = [batch.select([f"{c}_{n}" for n in names]).rename_columns(names) for c in columns]
+    return collate_tokens(pa.concat_tables(parts) if len(parts) > 1 else parts[0], pad_id)
+
+
+def sequence_logprobs(ctx: StepContext, batch: pa.Table, *columns: str) -> tuple[torch.Tensor, int]:
+    """``log pi_phi(response | prompt)`` per row of each text column (response tokens, EOS
+    included), stacked, and the tokens run."""
+    t = _tokens(batch, columns, ctx.pad_id)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
         lp = response_logprobs(ctx.model, t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device),
                                t["response_mask"].to(ctx.device))
     return lp.sum(-1).float(), int(t["attention_mask"].sum())
 
 
-def _step_label_loss(ctx: StepContext, rows: dict) -> tuple[torch.Tensor, dict]:
-    """An explicit PRM's micro-batch: step logits at each step's last token against step labels."""
-    items = [encode_pair(ctx.tokenizer, p, r, max_length=ctx.max_length) for p, r in zip(rows["prompt"], rows["response"])]
-    for it, labels, iid, j in zip(items, rows["step_labels"], rows["instruction_id"], rows["sample_index"]):
-        if len(it.steps) != len(labels):
-            raise ValueError(f"instruction {iid!r} sample {j}: {len(labels)} step labels but the response has "
-                             f"{len(it.steps)} steps for this tokenizer; label with the model being trained")
-    t = collate_items(items, ctx.pad_id)
-    num_steps = max(len(it.steps) for it in items)
-    labels = torch.zeros(len(items), num_steps, device=ctx.device)
-    for b, row in enumerate(rows["step_labels"]):
-        labels[b, : len(row)] = torch.tensor(row, device=ctx.device)
+def _step_label_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, dict]:
+    """An explicit PRM's micro-batch: step logits at each step's last token against step labels
+    (their count per row was checked against the tokenizer's steps when the tokens were attached)."""
+    t = _tokens(batch, ("response",), ctx.pad_id)
+    values, lengths = list_values(batch.column("step_labels"))
+    num_steps = int(lengths.max())
+    labels = np.zeros((len(lengths), num_steps), dtype=np.float32)
+    labels[np.arange(num_steps)[None, :] < lengths[:, None]] = values
+    labels = torch.from_numpy(labels).to(ctx.device)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
         logits = ctx.model(input_ids=t["input_ids"].to(ctx.device),
                            attention_mask=t["attention_mask"].to(ctx.device)).logits
@@ -75,34 +87,32 @@ def _step_label_loss(ctx: StepContext, rows: dict) -> tuple[torch.Tensor, dict]:
     return loss, stats
 
 
-def micro_batch_loss(ctx: StepContext, rows: dict) -> tuple[torch.Tensor, dict]:
-    """Loss and statistics of one micro-batch (a dict of columns), for any objective."""
+def micro_batch_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, dict]:
+    """Loss and statistics of one micro-batch of training examples with their token columns
+    (:func:`prm_ray.stages.train.examples.attach_tokens`), for any objective."""
     cfg = ctx.cfg
     objective = get_objective(cfg.dataset.objective)
     if objective.explicit:
-        return _step_label_loss(ctx, rows)
-
-    def ref(col: str) -> torch.Tensor:
-        return torch.tensor(rows[col], dtype=torch.float32, device=ctx.device)
+        return _step_label_loss(ctx, batch)
 
     stats: dict[str, Any] = {}
     if objective.paired:
-        n = len(rows["chosen"])
-        logp, ntok = sequence_logprobs(ctx, rows["prompt"] * 2, rows["chosen"] + rows["rejected"])
-        r_c = sequence_reward(logp[:n], ref("ref_logp_chosen"), cfg.beta)
-        r_r = sequence_reward(logp[n:], ref("ref_logp_rejected"), cfg.beta)
+        n = batch.num_rows
+        logp, ntok = sequence_logprobs(ctx, batch, "chosen", "rejected")
+        r_c = sequence_reward(logp[:n], _floats(batch, "ref_logp_chosen", ctx.device), cfg.beta)
+        r_r = sequence_reward(logp[n:], _floats(batch, "ref_logp_rejected", ctx.device), cfg.beta)
         loss = objective.loss(r_c, r_r)
         stats.update(acc=(r_c > r_r).float().mean().item(), reward_correct=r_c.mean().item(),
                      reward_incorrect=r_r.mean().item(), n_correct=n, n_incorrect=n)
     else:
-        logp, ntok = sequence_logprobs(ctx, rows["prompt"], rows["response"])
-        r = sequence_reward(logp, ref("ref_logp"), cfg.beta)
-        labels = torch.tensor(rows["label"], dtype=torch.float32, device=ctx.device)
+        logp, ntok = sequence_logprobs(ctx, batch, "response")
+        r = sequence_reward(logp, _floats(batch, "ref_logp", ctx.device), cfg.beta)
+        labels = _floats(batch, "label", ctx.device)
         if objective.needs_reference_point:
             with torch.no_grad():
-                kl_logp, kl_tok = sequence_logprobs(ctx, rows["prompt"], rows["kl_response"])
+                kl_logp, kl_tok = sequence_logprobs(ctx, batch, "kl_response")
                 ntok += kl_tok
-                kl_r = sequence_reward(kl_logp, ref("ref_logp_kl"), cfg.beta)
+                kl_r = sequence_reward(kl_logp, _floats(batch, "ref_logp_kl", ctx.device), cfg.beta)
                 # Mean over the GLOBAL batch before the clamp, as KTO defines it.
                 total = torch.stack([kl_r.sum(), torch.tensor(float(kl_r.numel()), device=ctx.device)])
                 if dist.is_available() and dist.is_initialized():
