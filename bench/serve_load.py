@@ -57,6 +57,8 @@ class ServeLoadConfig:
     # whenever a core is taken away, which makes 2-thread timings erratic here.
     threads: int = param(1, "torch threads, in process and per replica (ServeConfig.threads)")
     max_batch_size: int = param(32, "the service's max_batch_size, and the in-process ceiling's batch")
+    max_batch_tokens: int | None = param(None, "the service's max_batch_tokens (batches capped by padded tokens "
+                                               "instead of responses); null: off")
     batch_wait_timeout_s: float = param(0.01, "the service's batch_wait_timeout_s")
     concurrency: int = param(64, "concurrent client connections at saturation")
     duration: float = param(20.0, "measured seconds per service phase")
@@ -275,7 +277,7 @@ def run(args: ServeLoadConfig) -> dict | None:
                        for p, rs in by_prompt.items()]
 
     phases = [
-        ("score_batch_1", dict(max_batch_size=1), "/score", score_payloads, args.concurrency, 1),
+        ("score_batch_1", dict(max_batch_size=1, max_batch_tokens=None), "/score", score_payloads, args.concurrency, 1),
         (f"score_batch_{args.max_batch_size}", {}, "/score", score_payloads, args.concurrency, 1),
         ("score_low_load", {}, "/score", score_payloads, 1, 1),
         (f"rerank8_batch_{args.max_batch_size}", {}, "/rerank", rerank_payloads, 16, 8),
@@ -284,7 +286,7 @@ def run(args: ServeLoadConfig) -> dict | None:
     for name, overrides, path, payloads, conc, per in phases:
         fields = dict(prm=args.model, reference_model=args.model, beta=0.05, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_timeout_s, num_cpus=1, threads=args.threads,
-                      replicas=args.replicas, name="prm-scorer-bench")
+                      replicas=args.replicas, name="prm-scorer-bench", max_batch_tokens=args.max_batch_tokens)
         cfg = ServeConfig(**{**fields, **overrides})
         t0 = time.perf_counter()
         handle = serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
@@ -292,7 +294,8 @@ def run(args: ServeLoadConfig) -> dict | None:
         res = run_client(url, payloads, path, conc, args.duration, args.warmup, per)
         stats = handle.stats.remote().result()
         res.update(concurrency=conc, responses_per_request=per, deploy_s=start_s, max_batch_size=cfg.max_batch_size,
-                   mean_batch=stats["mean_batch"], plans=stats["plans"])
+                   mean_batch=stats["mean_batch"], plans=stats["plans"], batch_sizes=stats["batch_sizes"],
+                   batch_tokens_pow2=stats["batch_tokens_pow2"], max_batch_tokens=cfg.max_batch_tokens)
         results["service"][name] = res
         print(name, json.dumps(res), flush=True)
         serve.delete(cfg.name)

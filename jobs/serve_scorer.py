@@ -20,7 +20,7 @@ from ray import serve
 from prm_ray.cli import run_job
 from prm_ray.serve import ServeConfig, build_app
 from prm_ray.serve.app import ALIASES
-from prm_ray.serve.config import with_absolute_paths
+from prm_ray.serve.config import resolved_config
 
 CONFIG = ServeConfig
 
@@ -33,7 +33,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(cfg: ServeConfig) -> None:
-    cfg = with_absolute_paths(cfg)
+    cfg = resolved_config(cfg)
     if not _is_loopback(cfg.host) and not os.environ.get(cfg.auth_token_env):
         print(f"warning: serving on {cfg.host} without auth; set {cfg.auth_token_env} to require a bearer token",
               file=sys.stderr)

@@ -16,7 +16,7 @@ from prm_ray.artifacts import PRM_CARD
 from prm_ray.config import ConfigError
 from prm_ray.scoring import ImplicitPRM
 from prm_ray.serve import ServeConfig, app_builder, build_app
-from prm_ray.serve.batcher import BatchScorer, ScoreJob
+from prm_ray.serve.batcher import BatchScorer, ScoreJob, job_size, padded_tokens, split_jobs
 from prm_ray.serve.config import checkpoint_beta
 from prm_ray.serve.schemas import InvalidRequest, field_name, weighted_vote
 
@@ -26,6 +26,7 @@ TOKEN_ENV = "PRM_RAY_TEST_SERVE_TOKEN"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_CHARS = 200
 MAX_RESPONSES = 8
+TOKEN_BUDGET = 512  # padded tokens per batch: 2x the tiny models' context of 256
 PROMPTS = ["7+5*3", "2-4", "9*9+1-3", "1+1"]
 RESPONSES = [
     "Step 1: 7+5 = 2\n\nStep 2: 2*3 = 6\n\nThe answer is \\boxed{6}",
@@ -49,7 +50,8 @@ def service(serve_instance, tiny_prm_path, tiny_policy_path):
 
     cfg = ServeConfig(prm=tiny_prm_path, reference_model=tiny_policy_path, beta=BETA, max_batch_size=8,
                       batch_wait_timeout_s=0.01, max_responses=MAX_RESPONSES, max_chars=MAX_CHARS,
-                      num_cpus=0.5, auth_token_env=TOKEN_ENV, name="prm-scorer-test")
+                      num_cpus=0.5, auth_token_env=TOKEN_ENV, name="prm-scorer-test", dtype="float32",
+                      max_batch_tokens=TOKEN_BUDGET)
     os.environ[TOKEN_ENV] = TOKEN  # read by build_app (the replica gets only its hash)
     try:
         handle = serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
@@ -109,6 +111,18 @@ def test_plan_falls_back_to_full_when_nothing_is_shared(prm):
     assert BatchScorer(prm, share_prompt=False).plan(same) == "full"
 
 
+def test_requests_split_by_responses_or_by_padded_tokens(prm):
+    items = [prm.encode(p, r) for p in PROMPTS for r in RESPONSES]
+    longest = max(len(it.input_ids) for it in items)
+    assert [len(p) for p in split_jobs(items, 5, None)] == [5, 5, 5, 1]
+    parts = split_jobs(items, 5, 3 * longest)
+    assert [it for p in parts for it in p] == items  # order kept, nothing dropped
+    assert all(padded_tokens(p) <= 3 * longest for p in parts) and max(len(p) for p in parts) >= 3
+    assert [len(p) for p in split_jobs(items, 5, 1)] == [1] * len(items)  # each alone when nothing else fits
+    jobs = [ScoreJob(items[:2], by_tokens=True), ScoreJob(items[2:3], by_tokens=True)]
+    assert job_size(jobs) == padded_tokens(items[:3]) and job_size([ScoreJob(items[:2])]) == 2
+
+
 def test_weighted_vote_and_field_names():
     assert weighted_vote(["1", "2", "2", None], [5.0, -1.0, -1.0, 9.0], 0.001)["answer"] == "2"  # ~majority
     # Heavily weighted: one confident "1" outweighs two unlikely "2"s.
@@ -128,6 +142,10 @@ def test_config_errors_name_the_field(tmp_path, tiny_prm_path):
         ServeConfig(prm="x", beta=-1)
     with pytest.raises(ConfigError, match="dtype"):
         ServeConfig(prm="x", dtype="float33")
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        ServeConfig(prm="x", max_batch_tokens=0)
+    with pytest.raises(ConfigError, match=r"max_batch_tokens \(100\) must be at least the models' context \(256"):
+        app_builder({"prm": tiny_prm_path, "max_batch_tokens": "100"})
     with pytest.raises(ConfigError, match="autoscaling"):
         app_builder({"prm": tiny_prm_path, "autoscaling.min_replicas": "3", "autoscaling.max_replicas": "2"})
     # serve run passes strings; dotted keys reach nested fields.
@@ -176,7 +194,8 @@ def test_rerank_over_http_equals_in_process(client, prm):
 
 
 def test_health_and_openapi(service, client):
-    assert httpx.get(service[0] + "/health").json()["status"] == "ok"  # no token needed
+    health = httpx.get(service[0] + "/health").json()  # no token needed
+    assert health["status"] == "ok" and health["dtype"] == "float32"  # the precision it scores in
     schema = client.get("/openapi.json").json()
     assert {"/score", "/rerank", "/health"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
@@ -255,9 +274,15 @@ def test_concurrent_clients_all_answered(service, prm):
                 return c.post("/rerank", json={"prompt": PROMPTS[k], "responses": RESPONSES})
             return c.post("/score", json={"prompt": PROMPTS[k], "response": RESPONSES[k]})
 
+    before = httpx.get(url + "/stats", headers=AUTH).json()
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, jobs))
     assert [r.status_code for r in results] == [200] * len(jobs)
+    # Batches formed up to the token budget, and the histograms account for every batch.
+    stats = httpx.get(url + "/stats", headers=AUTH).json()
+    assert sum(stats["batch_sizes"].values()) == sum(stats["batch_tokens_pow2"].values()) == stats["batches"]
+    assert max(int(k) for k in stats["batch_tokens_pow2"]) <= TOKEN_BUDGET
+    assert stats["batches"] - before["batches"] < len(jobs)  # concurrent requests shared batches
     want = {k: prm.score([PROMPTS[k]], [RESPONSES[k]])[0] for k in range(len(PROMPTS))}
     for (k, rerank), res in zip(jobs, results):
         if rerank:

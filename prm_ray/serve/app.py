@@ -36,8 +36,8 @@ from ray import serve
 
 from prm_ray.config import from_dict, nest, to_dict
 from prm_ray.scoring import StepScores
-from prm_ray.serve.batcher import BatchScorer, ScoreJob, job_size
-from prm_ray.serve.config import ServeConfig, check_implicit, load_scorer_prm, with_absolute_paths
+from prm_ray.serve.batcher import BatchScorer, ScoreJob, job_size, padded_tokens, split_jobs
+from prm_ray.serve.config import ServeConfig, check_implicit, check_token_budget, load_scorer_prm, resolved_config
 from prm_ray.serve.schemas import InvalidRequest, as_dict, field_name, request_models, weighted_vote
 from prm_ray.tasks import last_boxed
 from prm_ray.tokens import TokenizedItem
@@ -74,11 +74,13 @@ class PRMScorer:
         self.token_sha256 = token_sha256 or (_token_sha256(env_token) if env_token else None)
         (self.ScoreRequest, self.RerankRequest, self.StepScoresOut, self.RerankResponse,
          self.Health) = request_models(self.cfg)
-        self._batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._batch.set_max_batch_size(self.cfg.max_batch_tokens or self.cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batches = 0  # counted for the stats endpoint (how full batches run)
         self.batched_responses = 0
         self.plans: dict[str, int] = defaultdict(int)
+        self.batch_sizes: dict[int, int] = defaultdict(int)  # responses per batch -> batches
+        self.batch_tokens: dict[int, int] = defaultdict(int)  # padded tokens per batch, by power of 2 -> batches
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -89,15 +91,17 @@ class PRMScorer:
         self.batches += 1
         self.batched_responses += len(items)
         self.plans[plan] += 1
+        self.batch_sizes[len(items)] += 1
+        self.batch_tokens[1 << max(0, padded_tokens(items) - 1).bit_length()] += 1
         # The forward runs in a thread so the event loop keeps accepting and tokenizing requests
         # for the next batch meanwhile (torch releases the GIL in its kernels).
         return await asyncio.to_thread(self.scorer.score_jobs, jobs, plan)
 
     async def _score_items(self, items: list[TokenizedItem], aggregation: str) -> list[StepScores]:
         # A request larger than a batch is split: Serve rejects any single entry over max_batch_size.
-        size = self.cfg.max_batch_size
-        parts = await asyncio.gather(*(self._batch(ScoreJob(items[i : i + size], aggregation))
-                                       for i in range(0, len(items), size)))
+        by_tokens = self.cfg.max_batch_tokens is not None
+        parts = await asyncio.gather(*(self._batch(ScoreJob(part, aggregation, by_tokens))
+                                       for part in split_jobs(items, self.cfg.max_batch_size, self.cfg.max_batch_tokens)))
         return [s for part in parts for s in part]
 
     def _encode(self, prompt: str, response: str, where: str) -> TokenizedItem:
@@ -154,12 +158,15 @@ class PRMScorer:
         return await self._rerank(self._validate(self.RerankRequest, fields))
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.cfg.prm, "reference": self.cfg.reference_model, "beta": self.prm.beta}
+        return {"status": "ok", "model": self.cfg.prm, "reference": self.cfg.reference_model, "beta": self.prm.beta,
+                "dtype": str(next(self.prm.model.parameters()).dtype).removeprefix("torch.")}
 
     def stats(self) -> dict:
         """How batching went: the bench reads the mean batch size and the plans used."""
         return {"batches": self.batches, "responses": self.batched_responses,
-                "mean_batch": self.batched_responses / max(1, self.batches), "plans": dict(self.plans)}
+                "mean_batch": self.batched_responses / max(1, self.batches), "plans": dict(self.plans),
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "batch_tokens_pow2": dict(sorted(self.batch_tokens.items()))}
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -272,7 +279,9 @@ def build_fastapi(scorer: PRMScorer):
 
 def build_app(cfg: ServeConfig):
     """The Serve application for ``cfg``: the deployment with its replicas, resources and batch."""
+    cfg = resolved_config(cfg)
     check_implicit(cfg.prm)
+    check_token_budget(cfg)
     options: dict[str, Any] = {
         "name": "PRMScorer",
         "max_ongoing_requests": cfg.ongoing_requests,
@@ -295,7 +304,7 @@ def app_builder(args: dict[str, Any]):
     :func:`scorer_handle` finds it either way.
     """
     flat = {ALIASES.get(str(k), str(k)): v for k, v in args.items()}
-    return build_app(with_absolute_paths(from_dict(ServeConfig, nest(flat))))
+    return build_app(from_dict(ServeConfig, nest(flat)))
 
 
 def scorer_handle(name: str | None = None):

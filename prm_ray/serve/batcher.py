@@ -13,20 +13,44 @@ from prm_ray.core.reward import forward_parameters, gather_logprobs, token_rewar
 from prm_ray.scoring import ImplicitPRM, StepScores, assemble
 from prm_ray.tokens import TokenizedItem
 
-__all__ = ["BatchScorer", "ScoreJob", "job_size"]
+__all__ = ["BatchScorer", "ScoreJob", "job_size", "padded_tokens", "split_jobs"]
 
 
 @dataclass
 class ScoreJob:
-    """One request's worth of work: its tokenized responses and how to aggregate them."""
+    """One request's worth of work: its tokenized responses and how to aggregate them.
+    ``by_tokens``: the batch it joins is measured in padded tokens, not responses."""
 
     items: list[TokenizedItem]
     aggregation: str = "min"
+    by_tokens: bool = False
+
+
+def padded_tokens(items: Sequence[TokenizedItem]) -> int:
+    """What a full-plan forward of ``items`` costs: responses x the longest sequence."""
+    return len(items) * max((len(it.input_ids) for it in items), default=0)
 
 
 def job_size(jobs: Sequence[ScoreJob]) -> int:
-    """Batch size in responses, so a /rerank of N fills N slots of ``max_batch_size``."""
+    """Batch size for Serve's ``max_batch_size``: responses (a /rerank of N fills N slots), or with
+    a token budget the batch's padded tokens."""
+    if jobs and jobs[0].by_tokens:
+        return padded_tokens([it for j in jobs for it in j.items])
     return sum(len(j.items) for j in jobs)
+
+
+def split_jobs(items: Sequence[TokenizedItem], max_responses: int, max_tokens: int | None) -> list[list[TokenizedItem]]:
+    """A request's responses in parts that each fit a batch alone (Serve refuses an entry larger
+    than ``max_batch_size``): ``max_responses`` each, or, with ``max_tokens``, parts whose padded
+    tokens stay within it (each item fits alone: the budget is at least the model's context)."""
+    if max_tokens is None:
+        return [list(items[i : i + max_responses]) for i in range(0, len(items), max_responses)]
+    parts: list[list[TokenizedItem]] = [[]]
+    for it in items:
+        if parts[-1] and padded_tokens(parts[-1] + [it]) > max_tokens:
+            parts.append([])
+        parts[-1].append(it)
+    return parts
 
 
 def _prompt_groups(items: Sequence[TokenizedItem]) -> dict[tuple[int, ...], list[int]]:

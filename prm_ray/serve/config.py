@@ -7,17 +7,15 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
-
 from prm_ray.artifacts import read_prm_card
 from prm_ray.config import ConfigError, param
 from prm_ray.core.reward import AGGREGATIONS
-from prm_ray.models import device_for
-from prm_ray.resources import Resources
+from prm_ray.models import context_length, device_for
+from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM
 
 __all__ = ["DEFAULT_BETA", "TOKEN_ENV", "AutoscalingConfig", "ServeConfig", "check_implicit", "checkpoint_beta",
-           "load_scorer_prm", "with_absolute_paths"]
+           "check_token_budget", "load_scorer_prm", "resolved_config"]
 
 DEFAULT_BETA = 0.05
 TOKEN_ENV = "PRM_RAY_SERVE_TOKEN"
@@ -51,10 +49,15 @@ class ServeConfig(Resources):
                                               "beta x log pi_phi)")
     beta: float | None = param(None, "null: the beta the PRM was trained with (its prm_ray_prm.json), else 0.05")
     aggregation: str = param("min", "the default when a request names none: min, sum, last_q or mean")
-    dtype: str = param("float32", "the models' dtype")
+    dtype: str = param("auto", "the models' dtype: auto (bfloat16 on GPUs and on CPUs with native bf16, else "
+                               "float32), bfloat16, float32, float16 or float64")
     step_separator: str = param("\n\n", "what splits a response into steps")
     chat_template: bool = param(True, "render prompts with the model's chat template")
     max_batch_size: int = param(32, "responses per forward pass (a /rerank of N responses counts N)")
+    max_batch_tokens: int | None = param(None, "cap batches by padded tokens (responses x longest sequence) instead "
+                                               "of max_batch_size responses: on accelerators, large batches of short "
+                                               "responses and small ones of long responses; at least the model's "
+                                               "context; null: max_batch_size caps")
     batch_wait_timeout_s: float = param(0.01, "how long a batch waits to fill")
     max_ongoing_requests: int | None = param(None, "requests a replica accepts at once; null: max(64, 2 x "
                                                    "max_batch_size), so the next batch fills while one runs "
@@ -82,13 +85,14 @@ class ServeConfig(Resources):
             raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"beta must be a finite number > 0, got {self.beta}")
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ConfigError(f"dtype must name a torch dtype (float32, bfloat16, ...), got {self.dtype!r}")
+        check_dtype(self.dtype, "dtype")
         if not self.step_separator:
             raise ConfigError("step_separator must be a non-empty string")
         for name in ("max_batch_size", "max_responses", "max_chars", "max_request_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ConfigError(f"max_batch_tokens must be >= 1 or null, got {self.max_batch_tokens}")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
             raise ConfigError(f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
@@ -124,6 +128,16 @@ def check_implicit(prm_path: str) -> None:
                           "PRMs. Score it in process with prm_ray.scoring.load_prm")
 
 
+def check_token_budget(cfg: ServeConfig) -> None:
+    """A token budget below the models' context would leave a valid long response no batch to join."""
+    if cfg.max_batch_tokens is None:
+        return
+    limits = [x for x in (context_length(cfg.prm), cfg.reference_model and context_length(cfg.reference_model)) if x]
+    if limits and cfg.max_batch_tokens < min(limits):
+        raise ConfigError(f"max_batch_tokens ({cfg.max_batch_tokens}) must be at least the models' context "
+                          f"({min(limits)} tokens), so that the longest valid response fits a batch")
+
+
 def load_scorer_prm(cfg: ServeConfig) -> ImplicitPRM:
     """The PRM a replica serves: beta from the config, else the checkpoint's card, else 0.05."""
     check_implicit(cfg.prm)
@@ -133,9 +147,10 @@ def load_scorer_prm(cfg: ServeConfig) -> ImplicitPRM:
                                        device=device_for(cfg.num_gpus), dtype=cfg.dtype)
 
 
-def with_absolute_paths(cfg: ServeConfig) -> ServeConfig:
-    """Local model paths made absolute where they were written: replicas may start in another
-    directory (a Serve config is built on the cluster). Hub ids and missing paths are kept."""
+def resolved_config(cfg: ServeConfig) -> ServeConfig:
+    """The config replicas get: local model paths made absolute where they were written (replicas
+    may start in another directory; a Serve config is built on the cluster; hub ids and missing
+    paths are kept), and ``dtype: auto`` resolved once, so every replica scores in one precision."""
     paths = {k: os.path.abspath(v) for k in ("prm", "reference_model")
              if isinstance(v := getattr(cfg, k), str) and not os.path.isabs(v) and os.path.exists(v)}
-    return dataclasses.replace(cfg, **paths) if paths else cfg
+    return dataclasses.replace(cfg, **paths, dtype=resolve_dtype(cfg.dtype, cfg.num_gpus))

@@ -116,6 +116,7 @@ def request_models(cfg: ServeConfig):
         model: str
         reference: str | None
         beta: float
+        dtype: str
 
     return ScoreRequest, RerankRequest, StepScoresOut, RerankResponse, Health
 
