@@ -111,19 +111,26 @@ def encode_pair(
         raise ValueError(f"{where}: the prompt is empty after rendering; the first response "
                          "token needs a context (use the chat template or include BOS)")
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    response_ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    if append_eos:
-        response_ids.append(tokenizer.eos_token_id)
-        offsets.append((len(response), len(response)))  # zero-width: joins the last step
+    response_ids, step_ids, steps = _response_steps(tokenizer, response, enc["input_ids"], enc["offset_mapping"],
+                                                    append_eos, separator)
     total = len(p_ids) + len(response_ids)
     if max_length is not None and total > max_length:
         raise ValueError(
             f"{where} is too long: {len(p_ids)} prompt + {len(response_ids)} response tokens "
             f"= {total} > max_position_embeddings {max_length} (inputs are never truncated)"
         )
-    step_ids, steps = step_ids_from_offsets(response, offsets, separator)
     return TokenizedItem(p_ids + response_ids, len(p_ids), step_ids, steps)
+
+
+def _response_steps(tokenizer, response: str, ids, offsets, append_eos: bool,
+                    separator: str) -> tuple[list[int], list[int], list[str]]:
+    """A response's ids (+ EOS), the step of each and the step texts, from the tokenizer's output."""
+    ids, offsets = list(ids), [tuple(o) for o in offsets]
+    if append_eos:
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((len(response), len(response)))  # zero-width: joins the last step
+    step_ids, steps = step_ids_from_offsets(response, offsets, separator)
+    return ids, step_ids, steps
 
 
 def collate_items(items: Sequence[TokenizedItem], pad_id: int) -> dict[str, torch.Tensor]:
@@ -180,11 +187,8 @@ def encode_table(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
         if not p_ids:
             raise ValueError(f"{names[i] if names else f'row {i}'}: the prompt is empty after rendering; the first response token needs a "
                              "context (use the chat template or include BOS)")
-        r_ids, offsets = list(enc["input_ids"][i]), [tuple(o) for o in enc["offset_mapping"][i]]
-        if append_eos:
-            r_ids.append(tokenizer.eos_token_id)
-            offsets.append((len(r), len(r)))  # zero-width: joins the last step
-        step_ids, texts = step_ids_from_offsets(r, offsets, separator)
+        r_ids, step_ids, texts = _response_steps(tokenizer, r, enc["input_ids"][i], enc["offset_mapping"][i],
+                                                 append_eos, separator)
         ids.append(p_ids + r_ids)
         plen.append(len(p_ids))
         steps.append(step_ids)
