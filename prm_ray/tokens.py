@@ -18,7 +18,7 @@ import torch
 from prm_ray.config import ConfigError
 from prm_ray.core.reward import step_ids_from_offsets
 
-__all__ = ["TOKEN_FIELDS", "TokenizedItem", "collate_items", "collate_tokens", "encode_pair", "encode_table",
+__all__ = ["TOKEN_FIELDS", "TOKEN_NAMES", "TokenizedItem", "collate_items", "collate_tokens", "encode_pair", "encode_table",
            "list_values", "max_context", "pad_token_id", "prompt_ids", "prompt_token_counts", "render_prompt",
            "splice_prompts", "step_label_token_ids"]
 
@@ -29,7 +29,9 @@ TOKEN_FIELDS = (
     ("num_steps", pa.int32()),
 )
 """A tokenized prompt+response as Arrow columns: computed once per dataset (prm_ray.stages.tokenize),
-read by training without any per-row Python (:func:`collate_tokens`)."""
+read by training without any per-row Python (:func:`collate_tokens`), by the reference pass and by
+evaluation."""
+TOKEN_NAMES = tuple(name for name, _ in TOKEN_FIELDS)
 
 
 def render_prompt(tokenizer, user_text: str) -> str:

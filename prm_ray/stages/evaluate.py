@@ -42,6 +42,8 @@ from prm_ray.core.metrics import PROTOCOLS, evaluate_problems
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass
 from prm_ray.stages.runtime import init_ray, map_actors
+from prm_ray.stages.tokenize import tokenize_dataset
+from prm_ray.tokens import TOKEN_NAMES
 
 __all__ = ["ROLLOUT_COLUMNS", "EvaluateConfig", "evaluate_prm", "metrics", "problems_from_scores",
            "reference_logprobs", "score"]
@@ -84,21 +86,31 @@ class EvaluateConfig(LogprobPassConfig):
         return LogprobPassConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LogprobPassConfig)})
 
 
-def _read(path: str | Path, columns: list[str], blocks: int) -> ray.data.Dataset:
+def _source(path: str | Path, columns: list[str]) -> Path:
+    """The Parquet files of a dataset directory, checked for ``columns`` (footers only)."""
     src = Path(path)
     src = data_dir(src) if data_dir(src).is_dir() else src
     if not src.exists():
         raise FileNotFoundError(f"no scored-data directory at {src}")
-    check_columns(pads.dataset(str(src), format="parquet").schema.names, columns, str(src))  # footers only
+    check_columns(pads.dataset(str(src), format="parquet").schema.names, columns, str(src))
+    return src
+
+
+def _read_tokenized(path: str | Path, columns: list[str], tokenizer: str, blocks: int) -> ray.data.Dataset:
+    """``columns`` of a dataset and its token columns for ``tokenizer`` (made once, then reused)."""
+    _source(path, columns)  # a missing column is named before anything is tokenized
+    tokens, _ = tokenize_dataset(path, tokenizer)
+    src = _source(tokens, columns + list(TOKEN_NAMES))
     # Several blocks per replica: a single file is read as one block, which would feed a single
     # actor and idle the others (a held-out set is small enough for this to be cheap).
-    return ray.data.read_parquet(str(src), columns=columns, file_extensions=["parquet"]).repartition(blocks)
+    return ray.data.read_parquet(str(src), columns=columns + list(TOKEN_NAMES),
+                                 file_extensions=["parquet"]).repartition(blocks)
 
 
 def _model_pass(ds: ray.data.Dataset, model: str, output: str, cfg: LogprobPassConfig, stage: str,
                 **kwargs) -> ray.data.Dataset:
     return map_actors(ds, ModelPass, cfg, stage=stage, batch_size=cfg.batch_size,
-                      constructor_kwargs=cfg.actor_kwargs(model, output, **kwargs))
+                      constructor_kwargs=cfg.actor_kwargs(model, output, **kwargs), **cfg.actor_options())
 
 
 def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cfg: LogprobPassConfig, *,
@@ -110,13 +122,15 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     """
     out = Path(out)
     cfg = cfg.resolved()
-    key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
+    key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype,
+           "backend": cfg.backend}
     info = read_json(out / REF_DONE)
     if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
         return {**info, "reused": True}
     init_ray()
     t0 = time.time()
-    ds = _model_pass(_read(rollouts, ROLLOUT_COLUMNS, 4 * cfg.replicas), ref_model, "token_logp", cfg, "eval")
+    ds = _model_pass(_read_tokenized(rollouts, ROLLOUT_COLUMNS, ref_model, 4 * cfg.replicas), ref_model,
+                     "token_logp", cfg, "eval")
     ds.write_parquet(str(data_dir(out)))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data_dir(out).glob("*.parquet"))
     info = {"key": key, "rows": rows, "seconds": time.time() - t0}
@@ -130,7 +144,7 @@ def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta
     :data:`prm_ray.stages.logprobs.SCORE_SCHEMA` in ``out``. Returns ``{"seconds", "rows"}``."""
     t0 = time.time()
     cols = ROLLOUT_COLUMNS + (["ref_token_logp"] if cfg.use_reference else [])
-    ds = _model_pass(_read(data, cols, 4 * cfg.replicas), prm, "scores", cfg, "eval", beta=beta,
+    ds = _model_pass(_read_tokenized(data, cols, prm, 4 * cfg.replicas), prm, "scores", cfg, "eval", beta=beta,
                      use_reference=cfg.use_reference)
     ds.write_parquet(str(out))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(out).glob("*.parquet"))

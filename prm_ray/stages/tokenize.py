@@ -1,12 +1,14 @@
 """Tokenize a dataset once: token ids, prompt lengths and step ids as Arrow columns, cached beside it.
 
-    rollouts (or step-labelled rows) --Ray Data tasks, tokens.encode_table--> <data>/tokens-<key>/data/*.parquet
+    rollouts (or step labels, or reference log-probs) --Ray Data tasks, tokens.encode_table-->
+        <data>/tokens-<key>/data/*.parquet: the dataset's rows plus the token columns
 
-One row per response, keyed by ``(instruction_id, sample_index)``, with the
-:data:`prm_ray.tokens.TOKEN_FIELDS` columns. The key of the cache is the dataset's fingerprint, the
-tokenizer's files and the encoding settings, so every PRM trained on the same rollouts with the
-same tokenizer reads the same token ids, and training itself does no tokenization
-(:func:`prm_ray.stages.train.examples.attach_tokens` joins them to the examples).
+Every row of the dataset (keyed by ``(instruction_id, sample_index)``) with its columns and the
+:data:`prm_ray.tokens.TOKEN_FIELDS` columns, so a later pass can read it in the dataset's place.
+The key of the cache is the dataset's fingerprint, the tokenizer's files and the encoding settings:
+every PRM trained or evaluated on the same rollouts with the same tokenizer reads the same token
+ids. Training joins them to its examples (:func:`prm_ray.stages.train.examples.attach_tokens`);
+the reference pass and evaluation read the tokenized dataset (:class:`prm_ray.stages.logprobs.ModelPass`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import pyarrow.dataset as pads
 import ray
 import ray.data
 
-from prm_ray.artifacts import TOKENS_DONE, data_dir, fingerprint, read_json, write_json
+from prm_ray.artifacts import TOKENS_DONE, check_columns, data_dir, fingerprint, read_json, write_json
 from prm_ray.models import load_tokenizer, resolve_model
-from prm_ray.tokens import TOKEN_FIELDS, encode_table
+from prm_ray.tokens import TOKEN_FIELDS, TOKEN_NAMES, encode_table
 
 __all__ = ["KEY_COLUMNS", "read_tokens", "tokenize_dataset", "tokenizer_fingerprint"]
 
@@ -59,8 +61,10 @@ def _encode_batch(batch: pa.Table, tokenizer: str) -> pa.Table:
     names = [f"instruction {i!r} sample {j}" for i, j in zip(*(batch.column(c).to_pylist() for c in KEY_COLUMNS))]
     tokens = encode_table(_tokenizer(tokenizer), batch.column("prompt").to_pylist(),
                           batch.column("response").to_pylist(), names=names)
-    return pa.Table.from_arrays([batch.column(c) for c in KEY_COLUMNS] + tokens.columns,
-                                names=list(KEY_COLUMNS) + tokens.column_names)
+    batch = batch.drop_columns([c for c in TOKEN_NAMES if c in batch.column_names])  # another tokenizer's
+    for name in tokens.column_names:
+        batch = batch.append_column(name, tokens.column(name))
+    return batch
 
 
 def _source(data: Path) -> Path:
@@ -69,16 +73,21 @@ def _source(data: Path) -> Path:
 
 def tokenize_dataset(data: str | Path, tokenizer: str) -> tuple[Path, dict]:
     """Token columns of every response of ``data`` (a rollout or step-label directory), made once
-    in a Ray Data pass and kept in ``<data>/tokens-<key>/``; returns (that directory, info).
+    in a Ray Data pass and kept in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files: ``<data>.tokens-<key>/``); returns (that directory, info).
 
     ``info``: ``rows``, ``seconds`` (of the pass that made them) and ``reused``. Ray must be
     initialised by the caller.
     """
     data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"no dataset at {data}")
     key = {"data": fingerprint(data) if data_dir(data).is_dir() else str(data.resolve()),
            "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": True, "append_eos": True,
-           "separator": "\n\n", "fields": [name for name, _ in TOKEN_FIELDS]}
-    out = data / f"tokens-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+           "separator": "\n\n", "fields": [name for name, _ in TOKEN_FIELDS], "layout": "rows+tokens"}
+    name = f"tokens-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+    # Beside the data: inside a dataset directory laid out as <data>/data/, else next to the
+    # directory (inside it, a reader of the directory would read the tokens as rows too).
+    out = data / name if data_dir(data).is_dir() else data.parent / f"{data.name}.{name}"
     done = read_json(out / TOKENS_DONE)
     if done is not None and done.get("key") == key:
         return out, {**done["info"], "reused": True}
@@ -88,7 +97,8 @@ def tokenize_dataset(data: str | Path, tokenizer: str) -> tuple[Path, dict]:
     src = _source(data)
     rows = pads.dataset(str(src), format="parquet").count_rows()
     # One read task per file (a rollout job writes many shards), batches of 2k rows each.
-    ds = ray.data.read_parquet(str(src), columns=[*KEY_COLUMNS, "prompt", "response"], file_extensions=["parquet"])
+    check_columns(pads.dataset(str(src), format="parquet").schema.names, [*KEY_COLUMNS, "prompt", "response"], str(src))
+    ds = ray.data.read_parquet(str(src), file_extensions=["parquet"])
     ds = ds.map_batches(_encode_batch, fn_kwargs={"tokenizer": tokenizer}, batch_format="pyarrow", batch_size=2048)
     ds.write_parquet(str(data_dir(out)))
     info = {"rows": rows, "seconds": time.time() - t0}
@@ -97,5 +107,5 @@ def tokenize_dataset(data: str | Path, tokenizer: str) -> tuple[Path, dict]:
 
 
 def read_tokens(path: str | Path) -> pa.Table:
-    """The token table a :func:`tokenize_dataset` pass wrote."""
-    return pads.dataset(str(data_dir(Path(path))), format="parquet").to_table()
+    """The keys and token columns of a :func:`tokenize_dataset` output."""
+    return pads.dataset(str(data_dir(Path(path))), format="parquet").to_table(columns=[*KEY_COLUMNS, *TOKEN_NAMES])
