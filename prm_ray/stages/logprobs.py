@@ -8,8 +8,9 @@ Three uses, one actor (:class:`ModelPass`), one config (:class:`LogprobPassConfi
 * ``sequence_logp``: their sum per row (``ref_logp``): the training examples' reference term;
 * ``scores``: a trained PRM's step scores (:mod:`prm_ray.scoring`), every aggregation.
 
-Rows are tokenized with :func:`prm_ray.tokens.encode_pair` and run longest first in
-micro-batches, so padding stays small.
+Rows carry their token columns (:data:`prm_ray.tokens.TOKEN_FIELDS`, made once per dataset by
+:mod:`prm_ray.stages.tokenize`) or are tokenized here with :func:`prm_ray.tokens.encode_pair`; they
+run longest first in micro-batches, so padding stays small.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from typing import ClassVar, Self
 import pyarrow as pa
 import torch
 
+from prm_ray.artifacts import read_prm_card
 from prm_ray.config import ConfigError, param
-from prm_ray.core.reward import AGGREGATIONS, response_logprobs
-from prm_ray.models import device_for, load_causal_lm, load_tokenizer
+from prm_ray.core.reward import AGGREGATIONS, response_logprobs, token_rewards
+from prm_ray.models import context_length, device_for, load_causal_lm, load_tokenizer
 from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM, assemble, load_prm
-from prm_ray.tokens import TokenizedItem, collate_items, encode_pair, max_context, pad_token_id
+from prm_ray.tokens import TOKEN_NAMES, TokenizedItem, collate_items, encode_pair, max_context, pad_token_id
 
-__all__ = ["OUTPUTS", "SCORE_SCHEMA", "LogprobPassConfig", "ModelPass"]
+__all__ = ["BACKENDS", "OUTPUTS", "SCORE_SCHEMA", "LogprobPassConfig", "ModelPass", "VLLMLogprobs"]
 
 OUTPUTS = ("token_logp", "sequence_logp", "scores")
+BACKENDS = ("hf", "vllm")
 
 SCORE_SCHEMA = pa.schema(
     [("instruction_id", pa.string()), ("sample_index", pa.int32()), ("correct", pa.bool_()),
@@ -57,13 +60,28 @@ class LogprobPassConfig(Resources):
     micro_batch_size: int = param(32, "sequences per forward pass")
     dtype: str = param("auto", "the model's dtype in this pass: auto (bfloat16 on GPUs and on CPUs with native "
                                "bf16, else float32), bfloat16, float32, float16 or float64")
+    backend: str = param("hf", "hf: transformers in each actor | vllm: vLLM's prompt_logprobs, tensor parallel over "
+                               "num_gpus GPUs (reference passes and implicit PRMs; docs/evaluation.md)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.section}{name} must be >= 1, got {getattr(self, name)}")
         check_dtype(self.dtype, f"{self.section}dtype")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{self.section}backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm" and self.num_gpus and self.num_gpus != int(self.num_gpus):
+            raise ConfigError(f"{self.section}num_gpus must be a whole number with backend vllm (its tensor-parallel "
+                              f"size), got {self.num_gpus}")
         super().__post_init__()
+
+    def actor_options(self) -> dict:
+        """Ray options of the pass's actors beyond resources: a vLLM engine on CPU runs in the actor's
+        process with a small KV cache (only prompts run, one token is generated)."""
+        if self.backend != "vllm" or self.num_gpus:
+            return {}
+        return {"runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                             "OMP_NUM_THREADS": str(self.torch_threads)}}}
 
     def resolved(self) -> Self:
         """This config with ``dtype: auto`` replaced by what it means here (see
@@ -72,8 +90,39 @@ class LogprobPassConfig(Resources):
 
     def actor_kwargs(self, model: str, output: str, **extra) -> dict:
         """:class:`ModelPass`'s constructor arguments for a pass of ``model`` under this config."""
-        return {"model": model, "output": output, "dtype": resolve_dtype(self.dtype, self.num_gpus), "micro_batch_size": self.micro_batch_size,
-                "threads": self.torch_threads, "num_gpus": self.num_gpus, **extra}
+        return {"model": model, "output": output, "dtype": resolve_dtype(self.dtype, self.num_gpus),
+                "micro_batch_size": self.micro_batch_size, "threads": self.torch_threads, "num_gpus": self.num_gpus,
+                "backend": self.backend, **extra}
+
+
+class VLLMLogprobs:
+    """Per-token log-probs of whole sequences from a vLLM engine: each row runs as a prompt with
+    ``prompt_logprobs=0`` (the log-prob of every prompt token itself) and one generated token.
+    Same layout as :func:`prm_ray.core.reward.response_logprobs`; equal to the Hugging Face pass
+    within float rounding (tested)."""
+
+    def __init__(self, model: str, dtype: str, num_gpus: float, max_model_len: int | None) -> None:
+        from vllm import LLM, SamplingParams
+
+        gpus = int(num_gpus)
+        # Prefix caching would skip the log-probs of cached prompt tokens; chunked prefill is off on
+        # CPUs, as for the rollout engines.
+        self.llm = LLM(model=model, dtype=dtype, tensor_parallel_size=max(1, gpus), enforce_eager=gpus == 0,
+                       enable_prefix_caching=False, enable_chunked_prefill=gpus > 0, max_model_len=max_model_len,
+                       seed=0)
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+    def __call__(self, items: Sequence[TokenizedItem]) -> torch.Tensor:
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(it.input_ids)) for it in items], self.params,
+                                 use_tqdm=False)
+        logp = torch.zeros(len(items), max(len(it.input_ids) for it in items), dtype=torch.float32)
+        for b, (it, out) in enumerate(zip(items, outs)):
+            per_token = out.prompt_logprobs  # entry j: {token id: Logprob} for token j given tokens < j
+            logp[b, it.prompt_len : len(it.input_ids)] = torch.tensor(
+                [per_token[j][it.input_ids[j]].logprob for j in range(it.prompt_len, len(it.input_ids))])
+        return logp
 
 
 class ModelPass:
@@ -87,14 +136,25 @@ class ModelPass:
     """
 
     def __init__(self, model: str, output: str, *, dtype: str = "float32", micro_batch_size: int = 32,
-                 threads: int = 1, num_gpus: float = 0.0, beta: float | None = None, use_reference: bool = False) -> None:
+                 threads: int = 1, num_gpus: float = 0.0, beta: float | None = None, use_reference: bool = False,
+                 backend: str = "hf") -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         torch.set_num_threads(threads)
         self.output, self.micro, self.use_reference = output, micro_batch_size, use_reference
         device = device_for(num_gpus)
-        self.prm = None
-        if output == "scores":
+        self.prm, self.vllm = None, None
+        if backend == "vllm":
+            card = read_prm_card(model) if output == "scores" else {}
+            if card.get("kind") == "explicit":
+                raise ConfigError(f"backend vllm scores implicit PRMs; {model} is an explicit PRM ({card.get('objective')}): "
+                                  "use backend hf")
+            self.beta = float(beta if beta is not None else card.get("beta", 0.05))
+            self.tokenizer = load_tokenizer(model)
+            self.max_length, self.pad_id = context_length(model), pad_token_id(self.tokenizer)
+            self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length)
+            self.vllm = VLLMLogprobs(model, dtype, num_gpus, self.max_length)
+        elif output == "scores":
             self.prm = load_prm(model, beta=beta, reference=False, dtype=dtype, device=device)
             self.encode = lambda p, r: self.prm.encode(p, r)
         else:
@@ -104,6 +164,8 @@ class ModelPass:
             self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length)
 
     def _items(self, rows: dict) -> list[TokenizedItem]:
+        if "input_ids" in rows:  # tokenized once per dataset (prm_ray.stages.tokenize)
+            return self._token_items(rows)
         items = []
         for i, (p, r) in enumerate(zip(rows["prompt"], rows["response"])):
             try:
@@ -114,7 +176,21 @@ class ModelPass:
                 raise ValueError(f"{where}: {exc}") from None
         return items
 
+    def _token_items(self, rows: dict) -> list[TokenizedItem]:
+        # Step texts are not part of any output column; only their count is used.
+        items = [TokenizedItem(ids, p, steps, [""] * n) for ids, p, steps, n in
+                 zip(rows["input_ids"], rows["prompt_len"], rows["step_ids"], rows["num_steps"])]
+        limit = self.prm.max_length if self.prm is not None else self.max_length
+        for i, it in enumerate(items):
+            if limit is not None and len(it.input_ids) > limit:
+                raise ValueError(f"instruction {rows['instruction_id'][i]!r} sample {rows['sample_index'][i]} is too "
+                                 f"long: {len(it.input_ids)} tokens > max_position_embeddings {limit} (inputs are "
+                                 "never truncated)")
+        return items
+
     def _logprobs(self, items: Sequence[TokenizedItem]) -> torch.Tensor:
+        if self.vllm is not None:
+            return self.vllm(items)
         t = collate_items(items, self.pad_id)
         dev = next(self.model.parameters()).device
         with torch.inference_mode():
@@ -136,6 +212,11 @@ class ModelPass:
 
     def _scores(self, rows: dict, chunk: list[int], items: Sequence[TokenizedItem]):
         prm = self.prm
+        if self.vllm is not None:  # an implicit PRM's log-probs from vLLM, the same reward math
+            batch = collate_items(items, self.pad_id)
+            ref = self._reference(rows, chunk, items, batch["input_ids"].shape) if self.use_reference else None
+            tok_r = token_rewards(self.vllm(items), ref, batch["response_mask"], self.beta)
+            return assemble(tok_r, batch["step_ids"], items, "min")
         batch = prm.collate(items)
         if isinstance(prm, ImplicitPRM):
             ref = self._reference(rows, chunk, items, batch["input_ids"].shape) if self.use_reference else None
@@ -162,6 +243,8 @@ class ModelPass:
             for b, i in enumerate(chunk):
                 out[i] = sums[b] if self.output == "sequence_logp" else \
                     lp[b, its[b].prompt_len : len(its[b].input_ids)].tolist()
+        if self.output != "scores":  # the input's columns, less the token columns it may have read
+            batch = batch.drop_columns([c for c in TOKEN_NAMES if c in batch.column_names])
         if self.output == "token_logp":
             return batch.append_column("ref_token_logp", pa.array(out, pa.list_(pa.float32())))
         if self.output == "sequence_logp":

@@ -125,7 +125,7 @@ def add_reference_logprobs(examples: pa.Table, cfg: TrainConfig, out_dir: Path) 
         todo = pa.table({"prompt": [p for p, _ in missing], "response": [r for _, r in missing]})
         ds = ray.data.from_arrow(todo).repartition(4 * rp.replicas)  # several blocks per replica
         ds = map_actors(ds, ModelPass, rp, stage="ref_pass", batch_size=rp.batch_size,
-                        constructor_kwargs=rp.actor_kwargs(cfg.reference_path, "sequence_logp"))
+                        constructor_kwargs=rp.actor_kwargs(cfg.reference_path, "sequence_logp"), **rp.actor_options())
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             known.update(zip(zip(batch.column("prompt").to_pylist(), batch.column("response").to_pylist()),
                              batch.column("ref_logp").to_pylist()))
