@@ -9,7 +9,9 @@ policy's tokenizer):
 - a second call, as a re-training on the same rollouts makes it (the cache is found and reused);
 - joining the token columns to CE training examples (`attach_tokens`, in the driver);
 - what the training step did per micro-batch before: `encode_pair` on every row, here summed over
-  one epoch of the same rows in one process.
+  one epoch of the same rows in one process;
+- the padded share of the training step's forwards over that epoch (the defaults: 32 rows per
+  worker-step, micro-batches of 16), with and without `group_by_length`.
 Writes `out` (JSON) and prints the numbers (docs/bench_train.md).
 """
 
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -39,6 +42,7 @@ from prm_ray.stages.rollout import SCHEMA  # noqa: E402
 from prm_ray.stages.runtime import init_ray  # noqa: E402
 from prm_ray.stages.tokenize import read_tokens, tokenize_dataset  # noqa: E402
 from prm_ray.stages.train.examples import DatasetConfig, attach_tokens, build_examples  # noqa: E402
+from prm_ray.stages.train.step import micro_batches  # noqa: E402
 from prm_ray.tasks.arith import ArithTask  # noqa: E402
 from prm_ray.tokens import encode_pair  # noqa: E402
 
@@ -82,6 +86,20 @@ def write_rollouts(path: Path, n: int) -> int:
     return table.num_rows
 
 
+def padding_fractions(examples: pa.Table, step_rows: int = 32, micro: int = 16) -> dict:
+    """Share of padded positions over one epoch of the training defaults' steps (64 rows over 2
+    workers: 32 rows per worker-step, micro-batches of 16), without and with grouping by length."""
+    out = {}
+    for grouped in (False, True):
+        real = padded = 0
+        for i in range(0, examples.num_rows - step_rows + 1, step_rows):
+            for mb in micro_batches(examples.slice(i, step_rows), micro, grouped):
+                lengths = [len(x) for x in mb.column("response_input_ids").to_pylist()]
+                real, padded = real + sum(lengths), padded + len(lengths) * max(lengths)
+        out["grouped" if grouped else "plain"] = 1 - real / padded
+    return out
+
+
 def run(cfg: TokenizeBenchConfig) -> dict:
     init_ray()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,11 +121,12 @@ def run(cfg: TokenizeBenchConfig) -> dict:
             encode_pair(tok, p, r)
         per_row = time.perf_counter() - t0
         tokens = int(sum(len(x) for x in attached.column("response_input_ids").to_pylist()))
+        padding = padding_fractions(attached.take(np.random.default_rng(0).permutation(attached.num_rows)))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "responses": rows, "tokens": tokens,
                "first_pass_s": cold, "first_pass_reused": first["reused"], "second_call_s": warm,
                "second_call_reused": again["reused"], "attach_tokens_s": attach,
-               "encode_pair_per_row_one_epoch_s": per_row, "config": vars(cfg)}
+               "encode_pair_per_row_one_epoch_s": per_row, "padding_fraction": padding, "config": vars(cfg)}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -120,7 +120,7 @@ def plain_loop(model_dir: str, examples: list[dict], micro: int, steps: int, wit
         t0 = time.perf_counter()
         if ref_ctx is not None:  # what the paper's trainer does on every step
             with torch.no_grad():
-                lp, _ = sequence_logprobs(ref_ctx, rows, "response")
+                lp, _, _ = sequence_logprobs(ref_ctx, rows, "response")
             rows = rows.set_column(rows.schema.get_field_index("ref_logp"), "ref_logp",
                                    pa.array(lp.double().tolist(), pa.float64()))
         loss, stats = micro_batch_loss(ctx, rows)

@@ -12,9 +12,10 @@ from prm_ray.core.objectives import get_objective
 from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_logits
 from prm_ray.models import load_causal_lm, load_tokenizer
 from prm_ray.resources import Resources
+from prm_ray.stages.logprobs import ModelPass
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.examples import DatasetConfig, attach_tokens, build_examples, tokenize_examples
-from prm_ray.stages.train.step import StepContext, micro_batch_loss
+from prm_ray.stages.train.step import StepContext, micro_batch_loss, micro_batches
 from prm_ray.tasks.arith import ArithTask
 from prm_ray.tokens import (
     collate_items,
@@ -148,3 +149,37 @@ def test_training_step_on_token_columns_computes_the_same_loss(tok, rollouts, ob
     want = _reference_loss(model, tok, cfg, examples.to_pydict())
     assert loss.item() == pytest.approx(want.item(), abs=1e-5)
     assert stats["tokens"] > 0
+
+
+def test_model_pass_reads_token_columns_as_it_reads_text(tok, rollouts):
+    """The reference pass and evaluation read a tokenized dataset: the same numbers, the same output columns."""
+    tokens = encode_table(tok, rollouts.column("prompt").to_pylist(), rollouts.column("response").to_pylist())
+    tokenized = rollouts
+    for name in tokens.column_names:
+        tokenized = tokenized.append_column(name, tokens.column(name))
+    for output, col in (("token_logp", "ref_token_logp"), ("sequence_logp", "ref_logp")):
+        mp = ModelPass(POLICY, output, dtype="float32", micro_batch_size=5)
+        text, toks = mp(rollouts), mp(tokenized)
+        assert toks.column_names == text.column_names == rollouts.column_names + [col]
+        assert toks.column(col).to_pylist() == text.column(col).to_pylist()
+    mp.max_length = 20
+    with pytest.raises(ValueError, match="instruction .* sample 0 is too long: .* > max_position_embeddings 20"):
+        mp(tokenized)
+
+
+def test_micro_batches_grouped_by_length_keep_the_step_rows_and_pad_less(tok, rollouts):
+    examples, _ = build_examples(rollouts, DatasetConfig(objective="ce"))
+    rows = tokenize_examples(examples, tok).slice(0, 16)
+
+    def keys(tables):
+        return sorted((r["instruction_id"], r["sample_index"]) for t in tables for r in t.to_pylist())
+
+    def padded(tables):
+        return sum(t.num_rows * max(len(x) for x in t.column("response_input_ids").to_pylist()) for t in tables)
+
+    plain, grouped = micro_batches(rows, 4, False), micro_batches(rows, 4, True)
+    assert [t.to_pylist() for t in plain] == [rows.slice(i, 4).to_pylist() for i in range(0, 16, 4)]
+    assert [t.num_rows for t in grouped] == [4] * 4 and keys(grouped) == keys(plain)
+    assert padded(grouped) < padded(plain)
+    lengths = [len(x) for t in grouped for x in t.column("response_input_ids").to_pylist()]
+    assert lengths == sorted(lengths, reverse=True)

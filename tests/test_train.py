@@ -47,6 +47,7 @@ def test_two_workers_lower_the_loss_and_separate_correct_from_incorrect(ce_run, 
     cfg, report = ce_run
     history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert report["status"] == "finished" and history[-1]["step"] == report["steps"]
+    assert all(0 <= h["padding_fraction"] < 0.5 for h in history)  # micro-batches grouped by length
     first, last = history[:3], history[-3:]
     assert sum(h["loss"] for h in last) < 0.8 * sum(h["loss"] for h in first)
     # Afterwards the implicit reward separates the training responses.

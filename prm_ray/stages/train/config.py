@@ -47,6 +47,8 @@ class TrainConfig:
     epochs: int = param(1, "passes over the training examples")
     global_batch_size: int = param(64, "examples per optimizer step, over all workers")
     micro_batch_size: int = param(16, "examples per forward pass per worker (gradient accumulation fills the rest)")
+    group_by_length: bool = param(True, "split each optimizer step's rows into micro-batches of similar length "
+                                        "(less padding; the same rows per step, so the same gradient sum)")
     max_grad_norm: float = param(1.0, "gradient clipping")
     precision: str = param("auto", "bfloat16: bf16 autocast (weights and optimizer stay float32) | float32 | "
                                    "auto: bfloat16 on GPUs and on CPUs with native bf16, else float32")

@@ -26,9 +26,9 @@ from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_l
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.tokens import TOKEN_FIELDS, collate_tokens, list_values
 
-__all__ = ["StepContext", "micro_batch_loss", "reduce_stats", "sequence_logprobs"]
+__all__ = ["StepContext", "micro_batch_loss", "micro_batches", "reduce_stats", "sequence_logprobs"]
 
-STAT_KEYS = ("loss", "acc", "reward_correct", "reward_incorrect", "n_correct", "n_incorrect", "tokens")
+STAT_KEYS = ("loss", "acc", "reward_correct", "reward_incorrect", "n_correct", "n_incorrect", "tokens", "padded")
 
 
 @dataclass
@@ -55,14 +55,26 @@ def _tokens(batch: pa.Table, columns: tuple[str, ...], pad_id: int) -> dict[str,
     return collate_tokens(pa.concat_tables(parts) if len(parts) > 1 else parts[0], pad_id)
 
 
-def sequence_logprobs(ctx: StepContext, batch: pa.Table, *columns: str) -> tuple[torch.Tensor, int]:
+def micro_batches(rows: pa.Table, size: int, group_by_length: bool) -> list[pa.Table]:
+    """One optimizer step's rows in micro-batches of ``size``. ``group_by_length``: rows of similar
+    length together (sorted by their longest sequence, longest first), so less of each forward is
+    padding; the step still trains on the same rows, so its gradient is the same sum."""
+    if group_by_length:
+        cols = [f"{c}_input_ids" for c in ("response", "chosen", "rejected", "kl_response")
+                if f"{c}_input_ids" in rows.column_names]
+        longest = np.max([list_values(rows.column(c))[1] for c in cols], axis=0)
+        rows = rows.take(np.argsort(-longest, kind="stable"))
+    return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
+
+
+def sequence_logprobs(ctx: StepContext, batch: pa.Table, *columns: str) -> tuple[torch.Tensor, int, int]:
     """``log pi_phi(response | prompt)`` per row of each text column (response tokens, EOS
-    included), stacked, and the tokens run."""
+    included), stacked; the tokens run and the padded tokens of the forward."""
     t = _tokens(batch, columns, ctx.pad_id)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
         lp = response_logprobs(ctx.model, t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device),
                                t["response_mask"].to(ctx.device))
-    return lp.sum(-1).float(), int(t["attention_mask"].sum())
+    return lp.sum(-1).float(), int(t["attention_mask"].sum()), t["input_ids"].numel()
 
 
 def _step_label_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, dict]:
@@ -83,7 +95,7 @@ def _step_label_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, d
     stats = {"acc": ((z > 0) == (labels > 0.5))[mask].float().mean().item(),
              "reward_correct": z[pos].sum().item(), "reward_incorrect": z[neg].sum().item(),
              "n_correct": int(pos.sum()), "n_incorrect": int(neg.sum()), "sums": True,
-             "tokens": int(t["attention_mask"].sum())}
+             "tokens": int(t["attention_mask"].sum()), "padded": t["input_ids"].numel()}
     return loss, stats
 
 
@@ -98,20 +110,20 @@ def micro_batch_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, d
     stats: dict[str, Any] = {}
     if objective.paired:
         n = batch.num_rows
-        logp, ntok = sequence_logprobs(ctx, batch, "chosen", "rejected")
+        logp, ntok, padded = sequence_logprobs(ctx, batch, "chosen", "rejected")
         r_c = sequence_reward(logp[:n], _floats(batch, "ref_logp_chosen", ctx.device), cfg.beta)
         r_r = sequence_reward(logp[n:], _floats(batch, "ref_logp_rejected", ctx.device), cfg.beta)
         loss = objective.loss(r_c, r_r)
         stats.update(acc=(r_c > r_r).float().mean().item(), reward_correct=r_c.mean().item(),
                      reward_incorrect=r_r.mean().item(), n_correct=n, n_incorrect=n)
     else:
-        logp, ntok = sequence_logprobs(ctx, batch, "response")
+        logp, ntok, padded = sequence_logprobs(ctx, batch, "response")
         r = sequence_reward(logp, _floats(batch, "ref_logp", ctx.device), cfg.beta)
         labels = _floats(batch, "label", ctx.device)
         if objective.needs_reference_point:
             with torch.no_grad():
-                kl_logp, kl_tok = sequence_logprobs(ctx, batch, "kl_response")
-                ntok += kl_tok
+                kl_logp, kl_tok, kl_padded = sequence_logprobs(ctx, batch, "kl_response")
+                ntok, padded = ntok + kl_tok, padded + kl_padded
                 kl_r = sequence_reward(kl_logp, _floats(batch, "ref_logp_kl", ctx.device), cfg.beta)
                 # Mean over the GLOBAL batch before the clamp, as KTO defines it.
                 total = torch.stack([kl_r.sum(), torch.tensor(float(kl_r.numel()), device=ctx.device)])
@@ -128,7 +140,7 @@ def micro_batch_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, d
                      n_correct=int(pos.sum()), n_incorrect=int(neg.sum()))
         # Means are formed after summing over micro-batches (classes vary in size).
         stats["sums"] = True
-    stats["tokens"] = ntok
+    stats["tokens"], stats["padded"] = ntok, padded
     return loss, stats
 
 
@@ -139,7 +151,8 @@ def reduce_stats(stats: list[dict], world: int) -> dict:
     if world > 1 and dist.is_initialized():
         dist.all_reduce(vec)
     d = dict(zip(STAT_KEYS + ("micro",), vec.tolist()))
-    out = {"loss": d["loss"] / d["micro"], "acc": d["acc"] / d["micro"], "tokens": d["tokens"]}
+    out = {"loss": d["loss"] / d["micro"], "acc": d["acc"] / d["micro"], "tokens": d["tokens"],
+           "padding_fraction": 1 - d["tokens"] / d["padded"] if d["padded"] else 0.0}
     if stats[0].get("sums"):
         out["reward_correct"] = d["reward_correct"] / d["n_correct"] if d["n_correct"] else None
         out["reward_incorrect"] = d["reward_incorrect"] / d["n_incorrect"] if d["n_incorrect"] else None

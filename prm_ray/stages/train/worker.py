@@ -1,11 +1,12 @@
 """The training loop that runs on every Ray Train worker: one loop for every objective.
 
-Each optimizer step accumulates ``global_batch_size / (micro_batch_size x workers)`` micro-batches
-(:func:`prm_ray.stages.train.step.micro_batch_loss`), clips, steps AdamW and the warmup-cosine
+Each optimizer step reads its ``global_batch_size / workers`` rows as one batch, splits them into
+``micro_batch_size`` micro-batches (grouped by length unless ``group_by_length`` is off) and
+accumulates their gradients (:func:`prm_ray.stages.train.step.micro_batch_loss`), clips, steps AdamW and the warmup-cosine
 schedule; rank 0 writes the step's metrics to ``metrics.jsonl`` and the loggers, and every
 ``checkpoint_every`` steps the workers report a checkpoint through ``ray.train.report`` (Hugging
 Face files plus the optimizer state). A restarted worker group
-resumes from the last checkpoint and skips the micro-batches already trained in that epoch.
+resumes from the last checkpoint and skips the optimizer steps already trained in that epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from prm_ray.core.schedule import warmup_cosine
 from prm_ray.models import load_causal_lm, load_tokenizer
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.loggers import MetricLoggers
-from prm_ray.stages.train.step import StepContext, micro_batch_loss, reduce_stats
+from prm_ray.stages.train.step import StepContext, micro_batch_loss, micro_batches, reduce_stats
 from prm_ray.tokens import pad_token_id, step_label_token_ids
 
 __all__ = ["train_loop_per_worker"]
@@ -119,29 +120,29 @@ def train_loop_per_worker(config: dict) -> None:
         loggers = MetricLoggers(cfg.loggers, str(out), out.name, config["cfg"])
     model.train()
     epoch = start_step // max(1, steps_per_epoch)
-    skip = (start_step - epoch * steps_per_epoch) * accum  # micro-batches already trained this epoch
+    skip = start_step - epoch * steps_per_epoch  # optimizer steps already trained this epoch
     t_last = time.time()
-    per_epoch_micro = steps_per_epoch * accum
     while step < total_steps:
-        acc_stats: list[dict] = []
-        micro = 0
-        opt.zero_grad(set_to_none=True)
-        for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True):
-            if micro + skip >= per_epoch_micro:
+        trained = 0  # optimizer steps this epoch
+        # One Ray Data batch per optimizer step on this worker, split into its micro-batches.
+        for rows in shard.iter_batches(batch_size=cfg.micro_batch_size * accum, batch_format="pyarrow",
+                                       drop_last=True):
+            if trained + skip >= steps_per_epoch:
                 break  # a tail shorter than one global batch is not trained on (no stale grads)
             if skip:
                 skip -= 1
                 continue
-            last = (micro + 1) % accum == 0
-            sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
-            with sync:
-                loss, stats = micro_batch_loss(ctx, batch)
-                (loss / accum).backward()
-            stats["loss"] = loss.item()
-            acc_stats.append(stats)
-            micro += 1
-            if not last:
-                continue
+            trained += 1
+            acc_stats: list[dict] = []
+            opt.zero_grad(set_to_none=True)
+            for k, batch in enumerate(micro_batches(rows, cfg.micro_batch_size, cfg.group_by_length)):
+                last = k == accum - 1
+                sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
+                with sync:
+                    loss, stats = micro_batch_loss(ctx, batch)
+                    (loss / accum).backward()
+                stats["loss"] = loss.item()
+                acc_stats.append(stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
@@ -158,7 +159,6 @@ def train_loop_per_worker(config: dict) -> None:
                            tokens_per_s=metrics["tokens"] / max(now - t_last, 1e-9), time=now,
                            peak_rss_mb_max_worker=_peak_rss_mb(world))
             t_last = now
-            acc_stats = []
             if rank == 0:
                 with open(out / TRAIN_METRICS, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -170,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         epoch += 1
         skip = 0
-        if step < total_steps and micro == 0:
+        if step < total_steps and trained == 0:
             raise RuntimeError(f"worker {rank} got no batches: {rows_total} rows are too few for "
                                f"micro_batch_size {cfg.micro_batch_size} x {world} workers")
     if loggers is not None:
