@@ -24,7 +24,8 @@ from prm_ray.core.losses import kto_reference_point
 from prm_ray.core.objectives import get_objective
 from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_logits
 from prm_ray.stages.train.config import TrainConfig
-from prm_ray.tokens import TOKEN_FIELDS, collate_tokens, list_values
+from prm_ray.stages.train.examples import RESPONSE_KEYS
+from prm_ray.tokens import TOKEN_NAMES, collate_tokens, list_values
 
 __all__ = ["StepContext", "micro_batch_loss", "micro_batches", "reduce_stats", "sequence_logprobs"]
 
@@ -50,8 +51,7 @@ def _floats(batch: pa.Table, col: str, device: torch.device) -> torch.Tensor:
 def _tokens(batch: pa.Table, columns: tuple[str, ...], pad_id: int) -> dict[str, torch.Tensor]:
     """The padded tensors of the token columns of ``columns`` (text columns, e.g. chosen and
     rejected), stacked in that order into one batch: one forward pass for all of them."""
-    names = [name for name, _ in TOKEN_FIELDS]
-    parts = [batch.select([f"{c}_{n}" for n in names]).rename_columns(names) for c in columns]
+    parts = [batch.select([f"{c}_{n}" for n in TOKEN_NAMES]).rename_columns(list(TOKEN_NAMES)) for c in columns]
     return collate_tokens(pa.concat_tables(parts) if len(parts) > 1 else parts[0], pad_id)
 
 
@@ -60,8 +60,7 @@ def micro_batches(rows: pa.Table, size: int, group_by_length: bool) -> list[pa.T
     length together (sorted by their longest sequence, longest first), so less of each forward is
     padding; the step still trains on the same rows, so its gradient is the same sum."""
     if group_by_length:
-        cols = [f"{c}_input_ids" for c in ("response", "chosen", "rejected", "kl_response")
-                if f"{c}_input_ids" in rows.column_names]
+        cols = [f"{c}_input_ids" for c in RESPONSE_KEYS if f"{c}_input_ids" in rows.column_names]
         longest = np.max([list_values(rows.column(c))[1] for c in cols], axis=0)
         rows = rows.take(np.argsort(-longest, kind="stable"))
     return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
