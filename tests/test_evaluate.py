@@ -130,23 +130,17 @@ def test_bad_eval_config_names_the_field():
 
 
 def test_the_vllm_backend_gives_the_hf_passs_numbers(rollouts, tiny_prm_path, tiny_policy_path, ray_session, tmp_path):
-    """Reference log-probs and implicit-PRM scores from vLLM's prompt_logprobs, against the HF pass (fp32)."""
+    """Implicit-PRM scores from vLLM's prompt_logprobs against the HF pass (fp32), on the same
+    cached reference log-probs: one vLLM engine (its start-up is most of this test)."""
     hf = EvaluateConfig(replicas=1, dtype="float32", batch_size=8, micro_batch_size=4)
     vllm = EvaluateConfig(replicas=1, dtype="float32", batch_size=8, micro_batch_size=4, backend="vllm")
-    ref = {}
-    for name, cfg in (("hf", hf), ("vllm", vllm)):
-        reference_logprobs(rollouts, tiny_policy_path, tmp_path / f"ref-{name}", cfg)
-        rows = pq.read_table(tmp_path / f"ref-{name}" / "data").to_pylist()
-        assert {"input_ids", "ref_token_logp"} & set(rows[0]) == {"ref_token_logp"}  # the rollouts' columns + one
-        ref[name] = {(r["instruction_id"], r["sample_index"]): r["ref_token_logp"] for r in rows}
-    assert ref["hf"].keys() == ref["vllm"].keys()
-    for k, want in ref["hf"].items():
-        assert ref["vllm"][k] == pytest.approx(want, abs=1e-4)
+    reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", hf)
     scores = {}
     for name, cfg in (("hf", hf), ("vllm", vllm)):
-        evaluate_prm(tiny_prm_path, tmp_path / "ref-hf", tmp_path / f"eval-{name}", cfg, beta=0.3)
+        evaluate_prm(tiny_prm_path, tmp_path / "ref", tmp_path / f"eval-{name}", cfg, beta=0.3)
         scores[name] = {(r["instruction_id"], r["sample_index"]): r
                         for r in pq.read_table(tmp_path / f"eval-{name}" / "scores").to_pylist()}
+    assert scores["hf"].keys() == scores["vllm"].keys() and len(scores["hf"]) == 12
     for k, want in scores["hf"].items():
         assert scores["vllm"][k]["step_rewards"] == pytest.approx(want["step_rewards"], abs=1e-4)
         assert scores["vllm"][k]["score_min"] == pytest.approx(want["score_min"], abs=1e-4)

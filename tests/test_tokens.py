@@ -4,6 +4,7 @@ computes today's losses (fp32, 1e-5) for every objective."""
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_l
 from prm_ray.models import load_causal_lm, load_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.stages.logprobs import ModelPass
+from prm_ray.stages.tokenize import read_tokens, tokenize_dataset
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.examples import DatasetConfig, attach_tokens, build_examples, tokenize_examples
 from prm_ray.stages.train.step import StepContext, micro_batch_loss, micro_batches
@@ -183,3 +185,23 @@ def test_micro_batches_grouped_by_length_keep_the_step_rows_and_pad_less(tok, ro
     assert padded(grouped) < padded(plain)
     lengths = [len(x) for t in grouped for x in t.column("response_input_ids").to_pylist()]
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_the_ray_data_token_pass_equals_the_in_process_one_and_is_reused(tok, rollouts, ray_session, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        for i in range(0, rollouts.num_rows, 10):  # shard files, as a rollout job writes them
+            pq.write_table(rollouts.slice(i, 10), tmp_path / name / "data" / f"shard-{i:06d}.parquet")
+    by_ray, info = tokenize_dataset(tmp_path / "a", POLICY, in_process_rows=0)
+    here, _ = tokenize_dataset(tmp_path / "b", POLICY)
+    assert not info["reused"] and tokenize_dataset(tmp_path / "a", POLICY, in_process_rows=0)[1]["reused"]
+
+    def rows(path):
+        t = pq.read_table(path / "data")
+        assert set(t.column_names) == set(rollouts.column_names) | {"input_ids", "prompt_len", "step_ids", "num_steps"}
+        return sorted(t.to_pylist(), key=lambda r: (r["instruction_id"], r["sample_index"]))
+
+    assert rows(by_ray) == rows(here)
+    assert read_tokens(here).num_rows == rollouts.num_rows
+    with pytest.raises(FileNotFoundError, match="no dataset"):
+        tokenize_dataset(tmp_path / "missing", POLICY)

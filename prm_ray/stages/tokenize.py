@@ -25,11 +25,19 @@ import pyarrow.dataset as pads
 import ray
 import ray.data
 
-from prm_ray.artifacts import TOKENS_DONE, check_columns, data_dir, fingerprint, read_json, write_json
+from prm_ray.artifacts import (
+    TOKENS_DONE,
+    check_columns,
+    data_dir,
+    fingerprint,
+    read_json,
+    write_json,
+    write_parquet_atomic,
+)
 from prm_ray.models import load_tokenizer, resolve_model
 from prm_ray.tokens import TOKEN_FIELDS, TOKEN_NAMES, encode_table
 
-__all__ = ["KEY_COLUMNS", "read_tokens", "tokenize_dataset", "tokenizer_fingerprint"]
+__all__ = ["IN_PROCESS_ROWS", "KEY_COLUMNS", "read_tokens", "tokenize_dataset", "tokenizer_fingerprint"]
 
 KEY_COLUMNS = ("instruction_id", "sample_index")
 
@@ -71,9 +79,14 @@ def _source(data: Path) -> Path:
     return data_dir(data) if data_dir(data).is_dir() else data
 
 
-def tokenize_dataset(data: str | Path, tokenizer: str) -> tuple[Path, dict]:
+IN_PROCESS_ROWS = 4096
+"""Datasets up to this many rows are tokenized in the calling process (about a second): a Ray Data
+job's start-up would cost more than the work."""
+
+
+def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int = IN_PROCESS_ROWS) -> tuple[Path, dict]:
     """Token columns of every response of ``data`` (a rollout or step-label directory), made once
-    in a Ray Data pass and kept in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files: ``<data>.tokens-<key>/``); returns (that directory, info).
+    in a Ray Data pass (in this process up to ``in_process_rows`` rows: the same output) and kept in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files: ``<data>.tokens-<key>/``); returns (that directory, info).
 
     ``info``: ``rows``, ``seconds`` (of the pass that made them) and ``reused``. Ray must be
     initialised by the caller.
@@ -96,11 +109,17 @@ def tokenize_dataset(data: str | Path, tokenizer: str) -> tuple[Path, dict]:
     t0 = time.time()
     src = _source(data)
     rows = pads.dataset(str(src), format="parquet").count_rows()
-    # One read task per file (a rollout job writes many shards), batches of 2k rows each.
     check_columns(pads.dataset(str(src), format="parquet").schema.names, [*KEY_COLUMNS, "prompt", "response"], str(src))
-    ds = ray.data.read_parquet(str(src), file_extensions=["parquet"])
-    ds = ds.map_batches(_encode_batch, fn_kwargs={"tokenizer": tokenizer}, batch_format="pyarrow", batch_size=2048)
-    ds.write_parquet(str(data_dir(out)))
+    if rows <= in_process_rows:
+        data_dir(out).mkdir(parents=True)
+        table = pads.dataset(str(src), format="parquet").to_table()
+        write_parquet_atomic(_encode_batch(table, tokenizer), data_dir(out) / "part-00000.parquet")
+    else:
+        # One read task per file (a rollout job writes many shards), batches of 2k rows each.
+        ds = ray.data.read_parquet(str(src), file_extensions=["parquet"])
+        ds = ds.map_batches(_encode_batch, fn_kwargs={"tokenizer": tokenizer}, batch_format="pyarrow",
+                            batch_size=2048)
+        ds.write_parquet(str(data_dir(out)))
     info = {"rows": rows, "seconds": time.time() - t0}
     write_json(out / TOKENS_DONE, {"key": key, "info": info})
     return out, {**info, "reused": False}
