@@ -232,6 +232,8 @@ def test_explicit_prm_learns_step_labels_and_scores_through_the_evaluation_pass(
     assert all(0 < p < 1 for w in want for p in w.step_rewards)
     with pytest.raises(Exception, match="eval.use_reference"):
         evaluate_prm(cfg.out, rollouts, tmp_path / "eval-ref", EvaluateConfig(replicas=1))
+    with pytest.raises(Exception, match="eval.backend vllm scores implicit PRMs"):
+        evaluate_prm(cfg.out, rollouts, tmp_path / "eval-vllm", EvaluateConfig(replicas=1, backend="vllm"))
     ecfg = EvaluateConfig(use_reference=False, replicas=1, batch_size=32, micro_batch_size=5, dtype="float32")
     evaluate_prm(cfg.out, rollouts, tmp_path / "eval", ecfg)
     got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}

@@ -189,6 +189,9 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     cfg = cfg.resolved()
     card = read_prm_card(prm)
     beta = float(beta if beta is not None else card.get("beta", 0.05))
+    if card.get("kind") == "explicit" and cfg.backend == "vllm":
+        raise ConfigError(f"eval.backend vllm scores implicit PRMs; {prm} is an explicit PRM ({card.get('objective')}): "
+                          "use eval.backend hf")
     if card.get("kind") == "explicit" and cfg.use_reference:
         raise ConfigError(f"eval.use_reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
                           "which has no reference model; set eval.use_reference false")
