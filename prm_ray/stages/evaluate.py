@@ -122,8 +122,9 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     """
     out = Path(out)
     cfg = cfg.resolved()
-    key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype,
-           "backend": cfg.backend}
+    key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
+    if cfg.backend != "hf":  # named only when not the default, so caches made before backends existed stay valid
+        key["backend"] = cfg.backend
     info = read_json(out / REF_DONE)
     if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
         return {**info, "reused": True}
