@@ -34,7 +34,7 @@ __all__ = [
     "ATTEMPTS_FILE", "EVAL_CONFIG", "METRICS_FILE", "POLICY_CARD", "PRM_CARD", "REF_DONE", "ROLLOUT_META",
     "RUNS_FILE", "SHEPHERD_META", "SKIPPED_FILE", "STATE_FILE", "SUMMARY_FILE", "TOKENS_DONE", "TRAIN_METRICS", "TRAIN_REPORT",
     "append_run", "check_columns", "check_settings", "data_dir", "delete_run", "fingerprint", "first_difference",
-    "load_rollouts", "read_json", "read_jsonl", "read_policy_card", "read_prm_card", "read_timing",
+    "load_rollouts", "parquet_source", "read_json", "read_jsonl", "read_policy_card", "read_prm_card", "read_timing",
     "rollout_temperature", "run_exists", "shard_path", "train_run_location", "write_json",
     "write_parquet_atomic", "write_timing",
 ]
@@ -96,6 +96,12 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 
 def data_dir(out: Path) -> Path:
     return Path(out) / "data"
+
+
+def parquet_source(path: str | Path) -> Path:
+    """Where a dataset's Parquet files are: ``<path>/data/`` for a stage's output directory, else
+    ``path`` itself (a plain directory of Parquet files)."""
+    return data_dir(Path(path)) if data_dir(Path(path)).is_dir() else Path(path)
 
 
 def shard_path(out: Path, shard_id: int) -> Path:

@@ -196,7 +196,7 @@ def encode_table(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
         steps.append(step_ids)
         nsteps.append(len(texts))
     return pa.Table.from_arrays([pa.array(col, typ) for col, (_, typ) in zip((ids, plen, steps, nsteps), TOKEN_FIELDS)],
-                                names=[name for name, _ in TOKEN_FIELDS])
+                                names=list(TOKEN_NAMES))
 
 
 def list_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

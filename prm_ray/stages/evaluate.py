@@ -33,6 +33,7 @@ from prm_ray.artifacts import (
     check_columns,
     check_settings,
     data_dir,
+    parquet_source,
     read_json,
     read_prm_card,
     write_json,
@@ -88,8 +89,7 @@ class EvaluateConfig(LogprobPassConfig):
 
 def _source(path: str | Path, columns: list[str]) -> Path:
     """The Parquet files of a dataset directory, checked for ``columns`` (footers only)."""
-    src = Path(path)
-    src = data_dir(src) if data_dir(src).is_dir() else src
+    src = parquet_source(path)
     if not src.exists():
         raise FileNotFoundError(f"no scored-data directory at {src}")
     check_columns(pads.dataset(str(src), format="parquet").schema.names, columns, str(src))

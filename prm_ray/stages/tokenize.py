@@ -30,12 +30,13 @@ from prm_ray.artifacts import (
     check_columns,
     data_dir,
     fingerprint,
+    parquet_source,
     read_json,
     write_json,
     write_parquet_atomic,
 )
 from prm_ray.models import load_tokenizer, resolve_model
-from prm_ray.tokens import TOKEN_FIELDS, TOKEN_NAMES, encode_table
+from prm_ray.tokens import TOKEN_NAMES, encode_table
 
 __all__ = ["IN_PROCESS_ROWS", "KEY_COLUMNS", "read_tokens", "tokenize_dataset", "tokenizer_fingerprint"]
 
@@ -75,10 +76,6 @@ def _encode_batch(batch: pa.Table, tokenizer: str) -> pa.Table:
     return batch
 
 
-def _source(data: Path) -> Path:
-    return data_dir(data) if data_dir(data).is_dir() else data
-
-
 IN_PROCESS_ROWS = 4096
 """Datasets up to this many rows are tokenized in the calling process (about a second): a Ray Data
 job's start-up would cost more than the work."""
@@ -96,7 +93,7 @@ def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int =
         raise FileNotFoundError(f"no dataset at {data}")
     key = {"data": fingerprint(data) if data_dir(data).is_dir() else str(data.resolve()),
            "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": True, "append_eos": True,
-           "separator": "\n\n", "fields": [name for name, _ in TOKEN_FIELDS], "layout": "rows+tokens"}
+           "separator": "\n\n", "fields": list(TOKEN_NAMES), "layout": "rows+tokens"}
     name = f"tokens-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
     # Beside the data: inside a dataset directory laid out as <data>/data/, else next to the
     # directory (inside it, a reader of the directory would read the tokens as rows too).
@@ -107,12 +104,13 @@ def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int =
     if out.exists():
         shutil.rmtree(out)  # an unfinished pass
     t0 = time.time()
-    src = _source(data)
-    rows = pads.dataset(str(src), format="parquet").count_rows()
-    check_columns(pads.dataset(str(src), format="parquet").schema.names, [*KEY_COLUMNS, "prompt", "response"], str(src))
+    src = parquet_source(data)
+    dataset = pads.dataset(str(src), format="parquet")
+    rows = dataset.count_rows()
+    check_columns(dataset.schema.names, [*KEY_COLUMNS, "prompt", "response"], str(src))
     if rows <= in_process_rows:
         data_dir(out).mkdir(parents=True)
-        table = pads.dataset(str(src), format="parquet").to_table()
+        table = dataset.to_table()
         write_parquet_atomic(_encode_batch(table, tokenizer), data_dir(out) / "part-00000.parquet")
     else:
         # One read task per file (a rollout job writes many shards), batches of 2k rows each.

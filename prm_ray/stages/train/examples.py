@@ -33,7 +33,7 @@ from prm_ray.artifacts import check_columns, load_rollouts
 from prm_ray.config import ConfigError, param
 from prm_ray.core.objectives import OBJECTIVES, get_objective
 from prm_ray.tasks import LABELLED, UNVERIFIABLE
-from prm_ray.tokens import TOKEN_FIELDS, encode_table, splice_prompts
+from prm_ray.tokens import TOKEN_NAMES, encode_table, splice_prompts
 
 __all__ = [
     "BALANCE_MODES",
@@ -600,7 +600,7 @@ def attach_tokens(examples: pa.Table, tokens: pa.Table, max_length: int | None =
     raise ValueError naming a row; nothing is truncated or dropped."""
     index = {k: i for i, k in enumerate(zip(tokens.column("instruction_id").to_pylist(),
                                             tokens.column("sample_index").to_pylist()))}
-    fields = tokens.select([name for name, _ in TOKEN_FIELDS])
+    fields = tokens.select(list(TOKEN_NAMES))
     for col, (icol, jcol) in RESPONSE_KEYS.items():
         if col not in examples.column_names:
             continue
