@@ -10,9 +10,12 @@ are drawn uniformly from [min_len, seq_len] tokens (the character tokenizer: one
 character), so padding is that of real, variable-length responses. Per shape:
 
 - **training**: prm-ray's micro-batch (`stages.train.step.micro_batch_loss`, CE: it pads the
-  rows' token columns, tokenized once beforehand as training does, to the longest, runs the
-  model under bf16 autocast with fp32 weights) plus backward and AdamW, against a plain step on
-  the same rows padded once (same model, precision, loss and optimizer; the LM head and a fused
+  rows' token columns, tokenized once beforehand as training does, to the longest, and takes the
+  log-probs through the chunked LM head) plus backward and AdamW, wrapped as a training worker
+  wraps it (`stages.train.parallel`), in each of `variants`: `ddp` (fp32 weights, bf16 autocast),
+  `fsdp` (FSDP2 over a one-process group: bf16 compute over fp32 master weights),
+  `fsdp+compile` (and `torch.compile` per block). Against a plain step on the same rows padded
+  once (fp32 weights and bf16 autocast, the same loss and optimizer; the LM head and a fused
   `cross_entropy` on response positions only). Tokens/s and MFU =
   6 x params x tokens/s over the device's dense bf16 peak.
 - **scoring**: `ImplicitPRM.score` (policy and reference, `score_batch_size` responses per
@@ -30,6 +33,7 @@ import json
 import platform
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from transformers import LlamaForCausalLM
@@ -44,12 +49,14 @@ from transformers import LlamaForCausalLM
 from prm_ray.cli import run_job
 from prm_ray.config import ConfigError, param
 from prm_ray.core.losses import ce_loss
+from prm_ray.core.reward import ResponseLogprobs
 from prm_ray.models import matmul_rates
 from prm_ray.policy import ModelShape, build_char_tokenizer
 from prm_ray.resources import Resources
 from prm_ray.scoring import ImplicitPRM
 from prm_ray.stages.train import TrainConfig
 from prm_ray.stages.train.examples import tokenize_examples
+from prm_ray.stages.train.parallel import parallelize
 from prm_ray.stages.train.step import StepContext, micro_batch_loss
 from prm_ray.tokens import collate_items, collate_tokens, pad_token_id
 
@@ -64,6 +71,7 @@ SHAPES = {  # Llama shapes; parameters with a 32k vocabulary and untied embeddin
 }
 # Dense bf16 peak of known accelerators, TFLOP/s (the vendors' datasheets, without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+VARIANTS = ("ddp", "fsdp", "fsdp+compile")  # how prm-ray's training step is wrapped (train.strategy, train.compile)
 
 
 @dataclass
@@ -77,6 +85,10 @@ class GpuBenchConfig:
     seq_len: int = param(520, "the longest row, prompt and response, in tokens")
     min_len: int = param(130, "the shortest row in tokens; lengths are uniform in [min_len, seq_len]")
     micro_batch_size: int = param(16, "rows per training micro-batch")
+    variants: list[str] = param(factory=lambda: list(VARIANTS),
+                                help="prm-ray training steps to time: ddp (fp32 weights, bf16 autocast), fsdp "
+                                     "(FSDP2, bf16 compute over fp32 master weights), fsdp+compile")
+    logprob_chunk: int = param(1024, "train.logprob_chunk: response positions per LM-head chunk (0: full logits)")
     score_batch_size: int = param(128, "responses per scoring batch")
     steps: int = param(10, "measured training steps and scoring batches per path")
     warmup: int = param(3, "unmeasured steps and batches first")
@@ -91,10 +103,15 @@ class GpuBenchConfig:
                               else f"shapes must name at least one of {', '.join(SHAPES)}")
         if not 8 <= self.min_len <= self.seq_len:
             raise ConfigError(f"min_len must be in [8, seq_len={self.seq_len}], got {self.min_len}")
+        bad = sorted(set(self.variants) - set(VARIANTS))
+        if bad or not self.variants:
+            raise ConfigError(f"variants: unknown {bad}; choose from {', '.join(VARIANTS)}" if bad
+                              else f"variants must name at least one of {', '.join(VARIANTS)}")
         if self.seq_len > 1000:
             raise ConfigError(f"seq_len must be at most 1000 (the shapes' context is 1024), got {self.seq_len}")
         if self.quick:
             self.shapes, self.device, self.steps, self.warmup = ["tiny"], "cpu", 3, 1
+            self.variants = [v for v in self.variants if "compile" not in v]  # compiling takes longer than the run
             self.seq_len, self.min_len, self.micro_batch_size, self.score_batch_size = 96, 24, 4, 8
 
 
@@ -150,12 +167,17 @@ def timed(fn, n_warmup: int, n: int, device: torch.device) -> list[float]:
 
 
 def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig, device: torch.device,
-                autocast: bool) -> tuple[dict, float]:
-    """Time one path's training steps; returns its rates and its first micro-batch's loss."""
+                gpu: bool) -> tuple[dict, float]:
+    """Time one path's training steps (``plain`` or one of :data:`VARIANTS`); returns its rates
+    and its first micro-batch's loss."""
     tcfg = TrainConfig(micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.micro_batch_size, beta=0.05,
-                       workers=Resources(replicas=1), loggers=[])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ctx = StepContext(model, tcfg, pad_token_id(tok), device, autocast)
+                       workers=Resources(replicas=1), loggers=[], logprob_chunk=cfg.logprob_chunk)
+    strategy, _, extra = path.partition("+")
+    if path != "plain":  # as a training worker wraps it; bf16 by autocast (ddp) or FSDP2's casts (fsdp)
+        model = parallelize(ResponseLogprobs(model, cfg.logprob_chunk), strategy, device, bf16=gpu,
+                            compile=extra == "compile")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu)
+    ctx = StepContext(model, tcfg, pad_token_id(tok), device, autocast=gpu and strategy == "ddp")
     pre = []
     if path == "plain":  # padded once, outside the clock
         for b in batches:
@@ -167,12 +189,12 @@ def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig,
     first: list[float] = []
 
     def step(i: int) -> None:
-        if path == "project":
+        if path != "plain":
             loss, stats = micro_batch_loss(ctx, batches[i])
             tokens.append(stats["tokens"])
         else:
             b = pre[i]
-            loss = ce_loss(0.05 * (plain_logprob_sums(model, b, autocast) - b["ref"]), b["label"].float())
+            loss = ce_loss(0.05 * (plain_logprob_sums(model, b, gpu) - b["ref"]), b["label"].float())
             tokens.append(int(b["attention_mask"].sum()))
         if i == 0:
             first.append(loss.item())
@@ -184,17 +206,18 @@ def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig,
     return {"tokens_per_s": sum(tokens[cfg.warmup:]) / sum(secs), "step_s_median": statistics.median(secs)}, first[0]
 
 
-def bench_training(model_fn, tok, rows: list[dict], cfg: GpuBenchConfig, device: torch.device,
-                   autocast: bool) -> dict:
+def bench_training(model_fn, tok, rows: list[dict], cfg: GpuBenchConfig, device: torch.device, gpu: bool) -> dict:
     mb = cfg.micro_batch_size
     # Tokenized once, outside the clock, as training reads a dataset's cached token columns.
     table = tokenize_examples(pa.Table.from_pylist(rows[: (cfg.warmup + cfg.steps) * mb]), tok)
     batches = [table.slice(i * mb, mb) for i in range(cfg.warmup + cfg.steps)]
     results: dict = {"first_loss": {}}
-    for path in ("project", "plain"):
-        torch.manual_seed(cfg.seed)  # the same initial weights for both paths
+    for path in [*cfg.variants, "plain"]:
+        torch.manual_seed(cfg.seed)  # the same initial weights for every path
         results[path], results["first_loss"][path] = _train_path(path, model_fn().train(), tok, batches, cfg,
-                                                                  device, autocast)
+                                                                  device, gpu)
+        if gpu:
+            torch.cuda.empty_cache()
     return results
 
 
@@ -255,9 +278,21 @@ def run(cfg: GpuBenchConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     gpu = device.type == "cuda"
-    # On a GPU: fp32 weights + bf16 autocast for training (prm-ray's train.precision bfloat16) and bf16 weights
-    # for scoring (the study's eval dtype). --quick: float32 throughout, so both paths must agree.
-    autocast, score_dtype = (True, torch.bfloat16) if gpu else (False, torch.float32)
+    # On a GPU: bf16 compute for training (prm-ray's train.precision bfloat16) and bf16 weights for scoring
+    # (the study's eval dtype). --quick: float32 throughout, so every path must agree.
+    score_dtype = torch.bfloat16 if gpu else torch.float32
+    group = any(v.startswith("fsdp") for v in cfg.variants) and not dist.is_initialized()
+    if group:  # FSDP2 shards over a process group: here one process
+        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1,
+                                init_method=f"file://{tempfile.mkdtemp()}/pg", device_id=device if gpu else None)
+    try:
+        return _run(cfg, device, gpu, score_dtype)
+    finally:
+        if group:
+            dist.destroy_process_group()
+
+
+def _run(cfg: GpuBenchConfig, device: torch.device, gpu: bool, score_dtype: torch.dtype) -> dict:
     tok = build_char_tokenizer(model_max_length=1024)
     rng = random.Random(cfg.seed)
     train_rows = make_rows(cfg.micro_batch_size * (cfg.warmup + cfg.steps), cfg, rng)
@@ -271,12 +306,13 @@ def run(cfg: GpuBenchConfig) -> dict:
         model_fn = partial(build_model, SHAPES[name], cfg.vocab_size, device)
         params = sum(p.numel() for p in build_model(SHAPES[name], cfg.vocab_size, "meta").parameters())
         print(f"== {name}: {params / 1e6:.1f}M params on {device}", flush=True)
-        train = bench_training(model_fn, tok, train_rows, cfg, device, autocast)
+        train = bench_training(model_fn, tok, train_rows, cfg, device, gpu)
         score = bench_scoring(model_fn, tok, score_rows, cfg, device, score_dtype)
-        for path in ("project", "plain"):
+        for path in [*cfg.variants, "plain"]:
             t = train[path]
             t["flops_per_s"] = 6 * params * t["tokens_per_s"]
             t["mfu"] = t["flops_per_s"] / peak if peak else None
+        for path in ("project", "plain"):
             score[path]["flops_per_s"] = 2 * 2 * params * score[path]["tokens_per_s"]
         results["shapes"][name] = {"params": params, "train": train, "score": score}
         if gpu:
@@ -285,14 +321,16 @@ def run(cfg: GpuBenchConfig) -> dict:
     Path(cfg.out).write_text(json.dumps(results, indent=2))
     print(f"\n{results['device']}, torch {torch.__version__}; bf16 matmul "
           f"{results['matmul_flops_bf16'] / 1e12:.1f} TFLOP/s\n")
-    print("| shape | params | train tok/s: prm-ray | plain | MFU prm-ray | plain | "
-          "score TFLOP/s: prm-ray | plain | score responses/s: prm-ray | plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    paths = [*cfg.variants, "plain"]
+    print("| shape | params | " + " | ".join(f"train tok/s (MFU): {p}" for p in paths)
+          + " | score TFLOP/s: prm-ray | plain | score responses/s: prm-ray | plain |")
+    print("|---|---|" + "---|" * (len(paths) + 4))
     for name, r in results["shapes"].items():
         t, s = r["train"], r["score"]
-        mfu = [f"{t[p]['mfu']:.1%}" if t[p]["mfu"] is not None else "-" for p in ("project", "plain")]
-        print(f"| {name} | {r['params'] / 1e6:.0f}M | {t['project']['tokens_per_s']:.0f} | {t['plain']['tokens_per_s']:.0f} "
-              f"| {mfu[0]} | {mfu[1]} | {s['project']['flops_per_s'] / 1e12:.2f} | {s['plain']['flops_per_s'] / 1e12:.2f} "
+        train = [f"{t[p]['tokens_per_s']:.0f}" + (f" ({t[p]['mfu']:.1%})" if t[p]["mfu"] is not None else "")
+                 for p in paths]
+        print(f"| {name} | {r['params'] / 1e6:.0f}M | " + " | ".join(train)
+              + f" | {s['project']['flops_per_s'] / 1e12:.2f} | {s['plain']['flops_per_s'] / 1e12:.2f} "
               f"| {s['project']['responses_per_s']:.1f} | {s['plain']['responses_per_s']:.1f} |")
     return results
 

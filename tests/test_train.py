@@ -119,8 +119,10 @@ def test_every_objective_trains_end_to_end(objective, reference, tiny_trained_po
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rollouts, ref_cache, tmp_path):
+    """Under FSDP2 (sharded weights and optimizer state; DDP checkpoints are exercised by every
+    other run): the checkpoint holds the full state and the restarted group picks it up."""
     cfg = _cfg(tiny_trained_policy[0].out, rollouts, tmp_path / "failover", epochs=2, checkpoint_every=3,
-               debug_kill_rank=1, debug_kill_at_step=8, ref_cache=ref_cache)
+               debug_kill_rank=1, debug_kill_at_step=8, ref_cache=ref_cache, strategy="fsdp")
     report = train_prm(cfg)
     assert report["status"] == "finished"
     starts = [a["start_step"] for a in report["attempts"]]
@@ -129,6 +131,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_trained_policy, rol
     assert report["restarts"] >= 1
     history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == report["steps"]
+    assert history[-1]["loss"] < history[0]["loss"]  # the resumed run kept learning
+    prm = ImplicitPRM.from_pretrained(cfg.out, ref_path=cfg.model, beta=cfg.beta)  # the full weights were saved
+    assert prm.score(["3+4"], ["3+4 = 7.\n\nThe answer is 7."])[0].num_tokens > 0
 
 
 def test_reference_pass_scores_each_sequence_once_and_reuses_a_cache(tiny_trained_policy, rollouts, ref_cache,

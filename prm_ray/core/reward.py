@@ -24,16 +24,22 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean")
 """Ways to turn a response's step rewards into one score (see :func:`aggregate`)."""
 
 __all__ = [
     "AGGREGATIONS",
+    "LOGPROB_CHUNK",
+    "ResponseLogprobs",
     "aggregate",
+    "chunked_head_logprobs",
     "explicit_token_rewards",
     "forward_parameters",
     "gather_logprobs",
+    "head_and_trunk",
     "implicit_reward",
     "q_values",
     "response_logprobs",
@@ -60,11 +66,57 @@ def forward_parameters(model: torch.nn.Module) -> set[str]:
         return set()
 
 
+LOGPROB_CHUNK = 1024
+"""Response positions per LM-head chunk in :func:`response_logprobs`: a ``[1024, V]`` float32 block
+is 128 MB at a 32k vocabulary, 512 MB at Llama-3's 128k."""
+
+# Model types whose logits are exactly ``lm_head(last hidden state)``: no soft-capping (Gemma 2),
+# logit scale (Cohere, Granite) or other post-processing that a chunked head would skip.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
+
+
+def head_and_trunk(model: torch.nn.Module) -> tuple[torch.nn.Linear, torch.nn.Module] | None:
+    """The LM head and the trunk (the part that returns hidden states) of a Hugging Face causal LM
+    whose logits are ``head(trunk(x))``, or None when that cannot be relied on."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    trunk = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or trunk is None or trunk is model:
+        return None
+    return head, trunk
+
+
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                          chunk_size: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """``log softmax(head(hidden[n]))[targets[n]]`` for each of the ``N`` rows of ``hidden`` ``[N, H]``.
+
+    ``chunk_size`` rows at a time, in at least float32, so no more than a ``[chunk_size, V]`` block
+    of logits exists at once. Under autograd each chunk is checkpointed: backward recomputes its
+    logits (one more LM-head matmul) instead of keeping ``[N, V]`` float32 activations alive.
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[s : s + chunk_size], head.weight, head.bias, targets[s : s + chunk_size])
+        out.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
+    chunk_size: int = LOGPROB_CHUNK,
 ) -> torch.Tensor:
     """``log pi(token_i | tokens_<i)`` at every response position i, 0 elsewhere. Shape ``[B, L]``.
 
@@ -73,9 +125,11 @@ def response_logprobs(
     response token (it has no context): every row needs at least one prompt token (e.g. BOS).
 
     ``model`` is any causal LM returning ``.logits`` (or a logits tensor) of shape ``[B, L, V]``.
-    The log-softmax runs in at least float32 (float64 stays float64) and only on the rows that are
-    response positions, so the float32 copy of the ``[*, V]`` logits is as small as possible; for
-    Hugging Face models, ``logits_to_keep`` also skips the LM head over the common prompt prefix.
+    The log-softmax runs in at least float32 (float64 stays float64) and only at response positions.
+    For Hugging Face models with a plain LM head (:func:`head_and_trunk`) and ``chunk_size > 0``, the
+    head runs on the response positions' hidden states ``chunk_size`` at a time
+    (:func:`chunked_head_logprobs`), so the ``[tokens, V]`` logits never exist whole; otherwise
+    the model's own forward gives the logits (``logits_to_keep`` skips the common prompt prefix).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
@@ -96,19 +150,44 @@ def response_logprobs(
     # Right padding means positions are contiguous, so "keep the last k logits" is exact.
     first = int(response_mask.float().argmax(dim=1).masked_fill(~response_mask.any(1), L).min())
     keep = L - (first - 1)
-    params = forward_parameters(model)
-    kwargs: dict = {"attention_mask": attention_mask}
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = keep
-    result = model(input_ids=input_ids, **kwargs)
-    logits = result.logits if hasattr(result, "logits") else result
-    logits = logits[:, -keep:]  # no-op when the model honoured logits_to_keep
-    # logits[:, j] now predicts token (first + j); drop the last one (predicts past the end).
-    tail = gather_logprobs(logits[:, :-1], input_ids[:, first:], response_mask[:, first:])
-    head = torch.zeros(B, first, dtype=tail.dtype, device=input_ids.device)
-    return torch.cat([head, tail], dim=1)
+    targets, mask = input_ids[:, first:], response_mask[:, first:]
+    parts = head_and_trunk(model) if chunk_size > 0 else None
+    if parts is not None:
+        head, trunk = parts
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logp = chunked_head_logprobs(hidden[:, first - 1 : -1][mask], head, targets[mask], chunk_size)
+        tail = torch.zeros(mask.shape, dtype=logp.dtype, device=input_ids.device).masked_scatter(mask, logp)
+    else:
+        params = forward_parameters(model)
+        kwargs: dict = {"attention_mask": attention_mask}
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = keep
+        result = model(input_ids=input_ids, **kwargs)
+        logits = result.logits if hasattr(result, "logits") else result
+        logits = logits[:, -keep:]  # no-op when the model honoured logits_to_keep
+        # logits[:, j] now predicts token (first + j); drop the last one (predicts past the end).
+        tail = gather_logprobs(logits[:, :-1], targets, mask)
+    head_cols = torch.zeros(B, first, dtype=tail.dtype, device=input_ids.device)
+    return torch.cat([head_cols, tail], dim=1)
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """A causal LM whose forward returns :func:`response_logprobs` (or, without a response mask,
+    the LM's logits). Training wraps this module in DDP or FSDP, so every use of a parameter,
+    the chunked LM head included, happens inside the wrapped forward."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = LOGPROB_CHUNK) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if response_mask is None:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return response_logprobs(self.lm, input_ids, attention_mask, response_mask, self.chunk_size)
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Training a PRM: examples from rollouts -> reference log-probs -> one Ray Train loop for every objective.
 
 ``examples`` builds rows or pairs (pure pyarrow), ``config`` is :class:`TrainConfig`, ``step`` is one
-micro-batch's loss (pure PyTorch), ``worker`` the loop on each Ray Train worker, ``loggers`` the
-metric trackers, and ``driver`` runs it all (:func:`train_prm`).
+micro-batch's loss (pure PyTorch), ``parallel`` spreads the model over the workers (DDP or FSDP2),
+``worker`` is the loop on each Ray Train worker, ``loggers`` the metric trackers, and ``driver`` runs it
+all (:func:`train_prm`).
 """
 
 __all__ = ["TrainConfig", "train_prm"]

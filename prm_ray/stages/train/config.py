@@ -9,9 +9,11 @@ from pathlib import Path
 
 from prm_ray.config import ConfigError, param
 from prm_ray.core.objectives import get_objective
+from prm_ray.core.reward import LOGPROB_CHUNK
 from prm_ray.resources import Resources, resolve_dtype
 from prm_ray.stages.logprobs import LogprobPassConfig
 from prm_ray.stages.train.examples import DatasetConfig
+from prm_ray.stages.train.parallel import STRATEGIES
 
 __all__ = ["LOGGERS", "TRAIN_PRECISIONS", "TrainConfig", "absolute_paths"]
 
@@ -50,13 +52,20 @@ class TrainConfig:
     group_by_length: bool = param(True, "split each optimizer step's rows into micro-batches of similar length "
                                         "(less padding; the same rows per step, so the same gradient sum)")
     max_grad_norm: float = param(1.0, "gradient clipping")
-    precision: str = param("auto", "bfloat16: bf16 autocast (weights and optimizer stay float32) | float32 | "
+    precision: str = param("auto", "bfloat16: compute in bf16 (ddp: autocast; fsdp: bf16 parameter copies), "
+                                   "weights and optimizer stay float32 | float32 | "
                                    "auto: bfloat16 on GPUs and on CPUs with native bf16, else float32")
+    logprob_chunk: int = param(LOGPROB_CHUNK, "response positions per LM-head chunk: the [tokens, vocab] float32 "
+                                              "logits never exist whole, backward recomputes each chunk's; "
+                                              "0: the model's full logits")
+    compile: bool = param(False, "torch.compile each transformer block (GPUs: faster steps after a first, slow "
+                                 "compile)")
     max_optimizer_steps: int | None = param(None, "stop after this many optimizer steps; null: every epoch")
     kto_desirable_weight: float = param(1.0, "KTO's lambda_D")
     kto_undesirable_weight: float = param(1.0, "KTO's lambda_U")
     workers: Resources = param(factory=_workers, help="the Ray Train workers (threads: torch threads each)")
-    strategy: str = param("ddp", "ddp | fsdp (big models on GPUs)")
+    strategy: str = param("ddp", "ddp: a full replica per worker | fsdp: FSDP2, parameters, gradients and "
+                                 "optimizer state sharded over the workers (big models)")
     checkpoint_every: int = param(50, "optimizer steps between checkpoints (a killed worker resumes from the last)")
     max_failures: int = param(2, "worker-group restarts Ray Train may make")
     storage_path: str | None = param(None, "Ray Train storage; must be shared (NFS, s3://) on several nodes; "
@@ -78,8 +87,8 @@ class TrainConfig:
     debug_kill_at_step: int | None = param(None, "test hook: ... at this step, on the first attempt", hidden=True)
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         per_step = self.micro_batch_size * self.workers.replicas
         if self.micro_batch_size < 1 or self.global_batch_size % per_step:
             raise ConfigError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -91,6 +100,8 @@ class TrainConfig:
         if len(self.step_label_tokens) != 2 or len(set(self.step_label_tokens)) != 2:
             raise ConfigError(f"step_label_tokens must be two different tokens [positive, negative], "
                               f"got {self.step_label_tokens!r}")
+        if self.logprob_chunk < 0:
+            raise ConfigError(f"logprob_chunk must be >= 0 (0: no chunking), got {self.logprob_chunk}")
         if self.precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
         bad = [x for x in self.loggers if x not in LOGGERS]
@@ -104,8 +115,13 @@ class TrainConfig:
                                    ref_pass=self.ref_pass.resolved())
 
     @property
-    def autocast(self) -> bool:
+    def bf16(self) -> bool:
         return resolve_dtype(self.precision, self.workers.num_gpus) == "bfloat16"
+
+    @property
+    def autocast(self) -> bool:
+        """bf16 autocast around the forward: DDP's way to bf16 (FSDP2 casts the parameters instead)."""
+        return self.bf16 and self.strategy == "ddp"
 
     @property
     def reference_path(self) -> str:

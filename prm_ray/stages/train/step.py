@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from prm_ray.core.losses import kto_reference_point
 from prm_ray.core.objectives import get_objective
-from prm_ray.core.reward import response_logprobs, sequence_reward, step_label_logits
+from prm_ray.core.reward import ResponseLogprobs, sequence_reward, step_label_logits
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.examples import RESPONSE_KEYS
 from prm_ray.tokens import TOKEN_NAMES, collate_tokens, list_values
@@ -34,7 +34,11 @@ STAT_KEYS = ("loss", "acc", "reward_correct", "reward_incorrect", "n_correct", "
 
 @dataclass
 class StepContext:
-    """What a micro-batch needs besides its rows: the model and how to run it."""
+    """What a micro-batch needs besides its rows: the model and how to run it.
+
+    ``model`` is a :class:`prm_ray.core.reward.ResponseLogprobs` (as DDP or FSDP wrap it in a
+    worker); a bare causal LM is wrapped in one with ``cfg.logprob_chunk``.
+    """
 
     model: torch.nn.Module
     cfg: TrainConfig
@@ -42,6 +46,11 @@ class StepContext:
     device: torch.device
     autocast: bool
     label_token_ids: tuple[int, int] | None = None  # explicit PRMs: the "+" / "-" token ids
+
+    def __post_init__(self) -> None:
+        inner = getattr(self.model, "module", self.model)  # under DDP
+        if not isinstance(inner, ResponseLogprobs):
+            self.model = ResponseLogprobs(self.model, self.cfg.logprob_chunk)
 
 
 def _floats(batch: pa.Table, col: str, device: torch.device) -> torch.Tensor:
@@ -71,8 +80,8 @@ def sequence_logprobs(ctx: StepContext, batch: pa.Table, *columns: str) -> tuple
     included), stacked; the tokens run and the padded tokens of the forward."""
     t = _tokens(batch, columns, ctx.pad_id)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-        lp = response_logprobs(ctx.model, t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device),
-                               t["response_mask"].to(ctx.device))
+        lp = ctx.model(t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device),
+                       t["response_mask"].to(ctx.device))
     return lp.sum(-1).float(), int(t["attention_mask"].sum()), t["input_ids"].numel()
 
 
@@ -86,8 +95,7 @@ def _step_label_loss(ctx: StepContext, batch: pa.Table) -> tuple[torch.Tensor, d
     labels[np.arange(num_steps)[None, :] < lengths[:, None]] = values
     labels = torch.from_numpy(labels).to(ctx.device)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-        logits = ctx.model(input_ids=t["input_ids"].to(ctx.device),
-                           attention_mask=t["attention_mask"].to(ctx.device)).logits
+        logits = ctx.model(t["input_ids"].to(ctx.device), t["attention_mask"].to(ctx.device))
     z, mask = step_label_logits(logits.float(), t["step_ids"].to(ctx.device), *ctx.label_token_ids, num_steps)
     loss = get_objective(ctx.cfg.dataset.objective).loss(z, labels, mask)
     pos, neg = mask & (labels > 0.5), mask & (labels <= 0.5)

@@ -11,7 +11,6 @@ resumes from the last checkpoint and skips the optimizer steps already trained i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,15 +24,15 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from prm_ray.artifacts import ATTEMPTS_FILE, STATE_FILE, TRAIN_METRICS
 from prm_ray.config import from_dict
+from prm_ray.core.reward import ResponseLogprobs
 from prm_ray.core.schedule import warmup_cosine
 from prm_ray.models import load_causal_lm, load_tokenizer
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.loggers import MetricLoggers
+from prm_ray.stages.train.parallel import full_state, gradient_sync, load_optimizer_state, parallelize
 from prm_ray.stages.train.step import StepContext, micro_batch_loss, micro_batches, reduce_stats
 from prm_ray.tokens import pad_token_id, step_label_token_ids
 
@@ -46,15 +45,6 @@ def _peak_rss_mb(world: int) -> float:
     if world > 1 and dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return float(peak)
-
-
-def _full_state_dict(model, strategy: str) -> dict | None:
-    """The unsharded state dict (gathered to rank 0 under FSDP); None means 'the module's own'."""
-    if strategy != "fsdp":
-        return None
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-        return model.state_dict()
 
 
 def _load(path: str) -> torch.nn.Module:
@@ -72,18 +62,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     device = ray.train.torch.get_device()
     tok = load_tokenizer(cfg.model)
-    model = _load(cfg.model)
+    lm = _load(cfg.model)
     start_step, state = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            model = _load(d)
+            lm = _load(d)
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
             start_step = state["step"]
-    ctx = StepContext(cfg=cfg, pad_id=pad_token_id(tok), device=device, autocast=cfg.autocast, model=None,
+    model = parallelize(ResponseLogprobs(lm, cfg.logprob_chunk), cfg.strategy, device, bf16=cfg.bf16,
+                        compile=cfg.compile, prepare_ddp=ray.train.torch.prepare_model)
+    ctx = StepContext(model, cfg, pad_token_id(tok), device, autocast=cfg.autocast,
                       label_token_ids=step_label_token_ids(tok, cfg.step_label_tokens) if cfg.explicit else None)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
-    ctx.model = model
     # One fused kernel per step on GPUs (the multi-tensor loop on CPUs, where the fused kernel
     # would change the numbers the CPU tests and benchmarks compare against).
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -92,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, total_steps, warmup, cfg.min_lr_ratio))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
 
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
@@ -101,14 +91,13 @@ def train_loop_per_worker(config: dict) -> None:
     step = start_step
 
     def save_and_report(metrics: dict) -> None:
-        state_dict = _full_state_dict(model, cfg.strategy)  # collective under FSDP: every rank
+        state_dict, opt_state = full_state(model, opt)  # a collective under FSDP: every rank
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                unwrapped = model.module if hasattr(model, "module") else model
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                lm.save_pretrained(tmp, state_dict=state_dict)
                 tok.save_pretrained(tmp)
-                torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                torch.save({"step": step, "optimizer": opt_state, "scheduler": sched.state_dict()},
                            Path(tmp) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -136,9 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
             acc_stats: list[dict] = []
             opt.zero_grad(set_to_none=True)
             for k, batch in enumerate(micro_batches(rows, cfg.micro_batch_size, cfg.group_by_length)):
-                last = k == accum - 1
-                sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
-                with sync:
+                with gradient_sync(model, k == accum - 1):
                     loss, stats = micro_batch_loss(ctx, batch)
                     (loss / accum).backward()
                 stats["loss"] = loss.item()
