@@ -14,8 +14,9 @@ import pytest
 
 from prm_ray.artifacts import PRM_CARD
 from prm_ray.config import ConfigError
+from prm_ray.core import reward
 from prm_ray.scoring import ImplicitPRM
-from prm_ray.serve import ServeConfig, app_builder, build_app
+from prm_ray.serve import ServeConfig, app_builder, batcher, build_app
 from prm_ray.serve.batcher import BatchScorer, ScoreJob, job_size, padded_tokens, split_jobs
 from prm_ray.serve.config import checkpoint_beta
 from prm_ray.serve.schemas import InvalidRequest, field_name, weighted_vote
@@ -79,12 +80,17 @@ def _assert_same(got: dict, want, tol: float = 1e-5) -> None:
 # -- without Ray ---------------------------------------------------------------------------------
 
 
-def test_shared_prompt_path_equals_in_process_score(prm):
-    """The KV-cache fan-out (prompt once, responses on top) gives ImplicitPRM.score's numbers."""
+@pytest.mark.parametrize("chunked_head", [True, False])
+def test_shared_prompt_path_equals_in_process_score(prm, chunked_head, monkeypatch):
+    """The KV-cache fan-out (prompt once, responses on top) gives ImplicitPRM.score's numbers,
+    through the chunked LM head and through the model's own logits (models without a plain head)."""
     prompts = [LONG_PROMPT] * 3 + ["2-4"] * 2 + ["1+1"]
     responses = RESPONSES[:3] + RESPONSES[1:3] + ["x"]
     items = [prm.encode(p, r) for p, r in zip(prompts, responses)]
-    want = prm.score(prompts, responses, aggregation="sum")
+    want = prm.score(prompts, responses, aggregation="sum")  # the chunked head
+    if not chunked_head:
+        for module in (reward, batcher):
+            monkeypatch.setattr(module, "head_and_trunk", lambda model: None)
     scorer = BatchScorer(prm, share_prompt=True, min_saving=0.0)
     assert scorer.plan(items) == "shared"
     for plan in ("shared", "full"):

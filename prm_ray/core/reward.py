@@ -41,6 +41,7 @@ __all__ = [
     "gather_logprobs",
     "head_and_trunk",
     "implicit_reward",
+    "masked_head_logprobs",
     "q_values",
     "response_logprobs",
     "sequence_reward",
@@ -111,6 +112,16 @@ def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: 
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
 
 
+def masked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, mask: torch.Tensor,
+                         chunk_size: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """``log softmax(head(hidden[b, j]))[targets[b, j]]`` where ``mask``, 0 elsewhere. Shape ``[B, T]``.
+
+    ``hidden[:, j]`` (``[B, T, H]``) must already predict ``targets[:, j]``; only masked positions
+    go through the head (:func:`chunked_head_logprobs`)."""
+    logp = chunked_head_logprobs(hidden[mask], head, targets[mask], chunk_size)
+    return torch.zeros(mask.shape, dtype=logp.dtype, device=hidden.device).masked_scatter(mask, logp)
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -155,8 +166,7 @@ def response_logprobs(
     if parts is not None:
         head, trunk = parts
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logp = chunked_head_logprobs(hidden[:, first - 1 : -1][mask], head, targets[mask], chunk_size)
-        tail = torch.zeros(mask.shape, dtype=logp.dtype, device=input_ids.device).masked_scatter(mask, logp)
+        tail = masked_head_logprobs(hidden[:, first - 1 : -1], head, targets, mask, chunk_size)
     else:
         params = forward_parameters(model)
         kwargs: dict = {"attention_mask": attention_mask}

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from prm_ray.core.reward import forward_parameters, gather_logprobs, token_rewards
+from prm_ray.core.reward import (
+    forward_parameters,
+    gather_logprobs,
+    head_and_trunk,
+    masked_head_logprobs,
+    token_rewards,
+)
 from prm_ray.scoring import ImplicitPRM, StepScores, assemble
 from prm_ray.tokens import TokenizedItem
 
@@ -139,14 +145,21 @@ class BatchScorer:
         ctx_ids, ctx_mask, ids, attn, pos = (t.to(dev) for t in (ctx_ids, ctx_mask, ids, attn, pos))
 
         def logprobs(model) -> torch.Tensor:
-            # Only the cache is needed from the prompt pass; skip its LM head where the model allows.
-            keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
-            out = model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True, **keep)
-            cache = out.past_key_values
+            # Only the cache is needed from the prompt pass: the trunk alone where the head is plain
+            # (then the response pass goes through the chunked head too), else skip what the LM head allows.
+            parts = head_and_trunk(model)
+            if parts is not None:
+                head, trunk = parts
+                cache = trunk(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True).past_key_values
+            else:
+                keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
+                cache = model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True, **keep).past_key_values
             cache.reorder_cache(index)  # one cache row per response (a gather, like beam search)
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[:, :-1]  # column j predicts response token j
-            return gather_logprobs(logits, ids[:, 1:], target_mask.to(dev))
+            run = trunk if parts is not None else model
+            out = run(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            if parts is not None:  # column j predicts response token j
+                return masked_head_logprobs(out.last_hidden_state[:, :-1], head, ids[:, 1:], target_mask.to(dev))
+            return gather_logprobs(out.logits[:, :-1], ids[:, 1:], target_mask.to(dev))
 
         logp = logprobs(prm.model)
         ref_logp = logprobs(prm.ref_model) if prm.ref_model is not None else None
