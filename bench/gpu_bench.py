@@ -202,8 +202,12 @@ def _train_path(path: str, model, tok, batches: list[dict], cfg: GpuBenchConfig,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     secs = timed(step, cfg.warmup, cfg.steps, device)
-    return {"tokens_per_s": sum(tokens[cfg.warmup:]) / sum(secs), "step_s_median": statistics.median(secs)}, first[0]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None  # weights, AdamW state, activations
+    return {"tokens_per_s": sum(tokens[cfg.warmup:]) / sum(secs), "step_s_median": statistics.median(secs),
+            "peak_memory_gib": peak}, first[0]
 
 
 def bench_training(model_fn, tok, rows: list[dict], cfg: GpuBenchConfig, device: torch.device, gpu: bool) -> dict:
@@ -322,12 +326,13 @@ def _run(cfg: GpuBenchConfig, device: torch.device, gpu: bool, score_dtype: torc
     print(f"\n{results['device']}, torch {torch.__version__}; bf16 matmul "
           f"{results['matmul_flops_bf16'] / 1e12:.1f} TFLOP/s\n")
     paths = [*cfg.variants, "plain"]
-    print("| shape | params | " + " | ".join(f"train tok/s (MFU): {p}" for p in paths)
+    print("| shape | params | " + " | ".join(f"train tok/s (MFU, peak memory): {p}" for p in paths)
           + " | score TFLOP/s: prm-ray | plain | score responses/s: prm-ray | plain |")
     print("|---|---|" + "---|" * (len(paths) + 4))
     for name, r in results["shapes"].items():
         t, s = r["train"], r["score"]
         train = [f"{t[p]['tokens_per_s']:.0f}" + (f" ({t[p]['mfu']:.1%})" if t[p]["mfu"] is not None else "")
+                 + (f", {t[p]['peak_memory_gib']:.1f} GiB" if t[p]["peak_memory_gib"] is not None else "")
                  for p in paths]
         print(f"| {name} | {r['params'] / 1e6:.0f}M | " + " | ".join(train)
               + f" | {s['project']['flops_per_s'] / 1e12:.2f} | {s['plain']['flops_per_s'] / 1e12:.2f} "

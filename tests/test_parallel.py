@@ -169,3 +169,17 @@ def test_chunked_lm_head_gives_the_same_logprobs_and_gradients():
         torch.testing.assert_close(results[chunk][0], results[0][0], rtol=0, atol=1e-5)
         for name, grad in results[0][1].items():
             torch.testing.assert_close(results[chunk][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_logprob_chunk_bench_quick_run(tmp_path):
+    """bench/logprob_chunk.py times every setting (no speed asserted: the machine is shared)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import logprob_chunk
+
+    r = logprob_chunk.main(["--quick", "--out", str(tmp_path / "lc.json")])
+    assert set(r["median_s"]) == {f"{w}/{c}" for w in ("train", "score_bfloat16", "score_float32")
+                                  for c in logprob_chunk.CHUNKS}
+    assert all(v > 0 for v in r["median_s"].values()) and r["tokens"]["train"] > 0
