@@ -158,9 +158,7 @@ def response_logprobs(
         return torch.zeros(B, L, dtype=torch.float32, device=input_ids.device)
 
     # Logits at position j predict token j+1, so we need positions first_response-1 .. L-2.
-    # Right padding means positions are contiguous, so "keep the last k logits" is exact.
     first = int(response_mask.float().argmax(dim=1).masked_fill(~response_mask.any(1), L).min())
-    keep = L - (first - 1)
     targets, mask = input_ids[:, first:], response_mask[:, first:]
     parts = head_and_trunk(model) if chunk_size > 0 else None
     if parts is not None:
@@ -172,6 +170,8 @@ def response_logprobs(
         kwargs: dict = {"attention_mask": attention_mask}
         if "use_cache" in params:
             kwargs["use_cache"] = False
+        # Right padding means positions are contiguous, so "keep the last k logits" is exact.
+        keep = L - (first - 1)
         if "logits_to_keep" in params:
             kwargs["logits_to_keep"] = keep
         result = model(input_ids=input_ids, **kwargs)
