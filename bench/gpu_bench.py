@@ -288,7 +288,7 @@ def run(cfg: GpuBenchConfig) -> dict:
     group = any(v.startswith("fsdp") for v in cfg.variants) and not dist.is_initialized()
     if group:  # FSDP2 shards over a process group: here one process
         dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1,
-                                init_method=f"file://{tempfile.mkdtemp()}/pg", device_id=device if gpu else None)
+                                init_method=f"file://{tempfile.mkdtemp()}/pg")
     try:
         return _run(cfg, device, gpu, score_dtype)
     finally:
