@@ -41,7 +41,7 @@ from prm_ray.artifacts import (
 from prm_ray.config import ConfigError, param, save_config, to_dict
 from prm_ray.core.metrics import PROTOCOLS, evaluate_problems
 from prm_ray.core.reward import AGGREGATIONS
-from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass
+from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
 from prm_ray.stages.tokenize import tokenize_dataset
 from prm_ray.tokens import TOKEN_NAMES
@@ -190,9 +190,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     cfg = cfg.resolved()
     card = read_prm_card(prm)
     beta = float(beta if beta is not None else card.get("beta", 0.05))
-    if card.get("kind") == "explicit" and cfg.backend == "vllm":
-        raise ConfigError(f"eval.backend vllm scores implicit PRMs; {prm} is an explicit PRM ({card.get('objective')}): "
-                          "use eval.backend hf")
+    check_backend(card, prm, cfg.backend, "eval.")  # here, not deep in an actor
     if card.get("kind") == "explicit" and cfg.use_reference:
         raise ConfigError(f"eval.use_reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
                           "which has no reference model; set eval.use_reference false")

@@ -31,7 +31,7 @@ from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM, assemble, load_prm
 from prm_ray.tokens import TOKEN_NAMES, TokenizedItem, collate_items, encode_pair, max_context, pad_token_id
 
-__all__ = ["BACKENDS", "OUTPUTS", "SCORE_SCHEMA", "LogprobPassConfig", "ModelPass", "VLLMLogprobs"]
+__all__ = ["BACKENDS", "OUTPUTS", "SCORE_SCHEMA", "LogprobPassConfig", "ModelPass", "VLLMLogprobs", "check_backend"]
 
 OUTPUTS = ("token_logp", "sequence_logp", "scores")
 BACKENDS = ("hf", "vllm")
@@ -95,6 +95,14 @@ class LogprobPassConfig(Resources):
                 "backend": self.backend, **extra}
 
 
+def check_backend(card: dict, prm: str, backend: str, section: str = "") -> None:
+    """Refuse vLLM scoring of an explicit PRM (its scores are step logits, not log-probs), naming
+    the field; ``card`` is the PRM's card (:func:`prm_ray.artifacts.read_prm_card`)."""
+    if backend == "vllm" and card.get("kind") == "explicit":
+        raise ConfigError(f"{section}backend vllm scores implicit PRMs; {prm} is an explicit PRM "
+                          f"({card.get('objective')}): use {section}backend hf")
+
+
 class VLLMLogprobs:
     """Per-token log-probs of whole sequences from a vLLM engine: each row runs as a prompt with
     ``prompt_logprobs=0`` (the log-prob of every prompt token itself) and one generated token.
@@ -146,9 +154,7 @@ class ModelPass:
         self.prm, self.vllm = None, None
         if backend == "vllm":
             card = read_prm_card(model) if output == "scores" else {}
-            if card.get("kind") == "explicit":
-                raise ConfigError(f"backend vllm scores implicit PRMs; {model} is an explicit PRM ({card.get('objective')}): "
-                                  "use backend hf")
+            check_backend(card, model, backend)
             self.beta = float(beta if beta is not None else card.get("beta", 0.05))
             self.tokenizer = load_tokenizer(model)
             self.max_length, self.pad_id = context_length(model), pad_token_id(self.tokenizer)
@@ -212,17 +218,15 @@ class ModelPass:
 
     def _scores(self, rows: dict, chunk: list[int], items: Sequence[TokenizedItem]):
         prm = self.prm
-        if self.vllm is not None:  # an implicit PRM's log-probs from vLLM, the same reward math
-            batch = collate_items(items, self.pad_id)
-            ref = self._reference(rows, chunk, items, batch["input_ids"].shape) if self.use_reference else None
-            tok_r = token_rewards(self.vllm(items), ref, batch["response_mask"], self.beta)
-            return assemble(tok_r, batch["step_ids"], items, "min")
-        batch = prm.collate(items)
-        if isinstance(prm, ImplicitPRM):
-            ref = self._reference(rows, chunk, items, batch["input_ids"].shape) if self.use_reference else None
-            tok_r = prm.token_rewards(batch["input_ids"], batch["attention_mask"], batch["response_mask"], ref)
-        else:
+        batch = prm.collate(items) if prm is not None else collate_items(items, self.pad_id)
+        if prm is not None and not isinstance(prm, ImplicitPRM):  # explicit: step logits, no reference
             tok_r = prm.batch_token_rewards(batch, max(len(it.steps) for it in items))
+        else:
+            ref = self._reference(rows, chunk, items, batch["input_ids"].shape) if self.use_reference else None
+            if self.vllm is not None:  # an implicit PRM's log-probs from vLLM, the same reward math
+                tok_r = token_rewards(self.vllm(items), ref, batch["response_mask"], self.beta)
+            else:
+                tok_r = prm.token_rewards(batch["input_ids"], batch["attention_mask"], batch["response_mask"], ref)
         return assemble(tok_r, batch["step_ids"], items, "min")
 
     def __call__(self, batch: pa.Table) -> pa.Table:

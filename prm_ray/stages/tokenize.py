@@ -83,7 +83,9 @@ job's start-up would cost more than the work."""
 
 def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int = IN_PROCESS_ROWS) -> tuple[Path, dict]:
     """Token columns of every response of ``data`` (a rollout or step-label directory), made once
-    in a Ray Data pass (in this process up to ``in_process_rows`` rows: the same output) and kept in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files: ``<data>.tokens-<key>/``); returns (that directory, info).
+    in a Ray Data pass (in this process up to ``in_process_rows`` rows: the same output) and kept
+    in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files:
+    ``<data>.tokens-<key>/``); returns (that directory, info).
 
     ``info``: ``rows``, ``seconds`` (of the pass that made them) and ``reused``. Ray must be
     initialised by the caller.
