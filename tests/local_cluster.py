@@ -47,17 +47,35 @@ PR_SET_CHILD_SUBREAPER = 36
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`n` ports that are free now, below the kernel's ephemeral range and never handed out twice.
+
+    Below the ephemeral range because a port is only reserved until `ray start` binds it: a port
+    from `bind(("", 0))` is in that range, where Ray's own random ports (a fake node's metrics
+    exporter, a worker's gRPC server) and any outgoing connection can take it first. That race
+    once gave a head's runtime-env agent port to a Prometheus exporter, and the job failed with
+    "HTTP 405 ... use OPTIONS or GET". Above 20000: Ray's default worker ports are 10002-19999.
+    """
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = [p for p in range(20000, min(low, 32768)) if p not in _HANDED_OUT]
+    random.SystemRandom().shuffle(candidates)
+    ports = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        ports.append(port)
+        _HANDED_OUT.add(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"fewer than {n} free ports between 20000 and {low}")
 
 
 def end_descendants(timeout: float = 5.0) -> int:
