@@ -13,6 +13,7 @@ from conftest import TINY_ARITH
 from prm_ray.config import ConfigError
 from prm_ray.stages.rollout import SCHEMA, RolloutConfig, SamplingConfig, VerifierConfig, run_rollouts
 from prm_ray.tasks.arith import ArithConfig, ArithTask
+from prm_ray.tasks.math import DEFAULT_PROMPT_SUFFIX
 
 
 def _cfg(policy_dir, out, **kw):
@@ -150,6 +151,22 @@ def test_verifier_timeout_is_recorded_and_bad_rows_are_counted(ray_session, math
     assert Counter(r["verify_status"] for r in rows) == {"ok": 2, "timeout": 2, "no_answer": 2}
     assert all(r["correct"] == (r["sample_index"] == 0) for r in rows)
     assert summary["verify_status"]["timeout"] == 2
+    # The prompt column is the user turn the policy was sent: the problem and the task's instruction.
+    assert {r["prompt"] for r in rows} == {"What is 4+5?" + DEFAULT_PROMPT_SUFFIX, "What is 10-1?" + DEFAULT_PROMPT_SUFFIX}
+
+
+def test_the_math_instruction_is_configurable_and_part_of_the_settings(ray_session, math_file, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(model="scripted", out=str(tmp_path / "m"), task="math", instructions=str(math_file),
+                        prompt_suffix="\nBox it.", sampling=SamplingConfig(n=3, temperature=1.0), progress=False)
+    run_rollouts(cfg, sampler_cls=ScriptedSampler)
+    assert {r["prompt"] for r in _read(tmp_path / "m").to_pylist()} == {"What is 4+5?\nBox it.", "What is 10-1?\nBox it."}
+    with pytest.raises(ConfigError, match="prompt_suffix"):
+        run_rollouts(RolloutConfig(**{**vars(cfg), "prompt_suffix": None}), sampler_cls=ScriptedSampler)
+    with pytest.raises(ConfigError, match="prompt_suffix applies to task math"):
+        RolloutConfig(task="arith", prompt_suffix="x")
 
 
 def test_bad_rows_can_be_fatal_with_a_message_naming_them(math_file, tmp_path):

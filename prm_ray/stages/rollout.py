@@ -69,7 +69,7 @@ SCHEMA = pa.schema([
 ])
 """One row per response. Documented in docs/rollouts.md."""
 
-SETTINGS = ("model", "task", "split", "instructions", "shard_size", "sampling", "arith", "limit")
+SETTINGS = ("model", "task", "split", "instructions", "prompt_suffix", "shard_size", "sampling", "arith", "limit")
 """The fields that decide a rollout set's rows: another value refuses to reuse its directory."""
 
 
@@ -154,6 +154,8 @@ class RolloutConfig:
     split: str = param("train", "arith: train, validation or test; math: served whatever it is called")
     instructions: str | None = param(None, "math: a JSONL/Parquet file with problem and answer; null: MATH-500")
     on_bad_row: str = param("skip", "a bad instruction row is skipped and counted (skip) or stops the run (error)")
+    prompt_suffix: str | None = param(None, "math: the instruction appended to each problem in the user turn "
+                                      "(the rollouts' prompt column holds problem + suffix); null: the task's default")
     limit: int | None = param(None, "take the first K instructions; null: all")
     shard_size: int = param(32, "instructions per output file (the unit of resume)")
     sampling: SamplingConfig = param(factory=SamplingConfig, help="")
@@ -167,6 +169,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.task not in ("arith", "math"):
             raise ConfigError(f"task must be 'arith' or 'math', got {self.task!r}")
+        if self.task != "math" and self.prompt_suffix is not None:
+            raise ConfigError(f"prompt_suffix applies to task math only (task is {self.task!r}); leave it null")
         if self.on_bad_row not in ("skip", "error"):
             raise ConfigError(f"on_bad_row must be 'skip' or 'error', got {self.on_bad_row!r}")
         if self.shard_size < 1:
@@ -183,8 +187,9 @@ class RolloutConfig:
 def make_task(cfg: RolloutConfig) -> Task:
     if cfg.task == "arith":
         return get_task("arith", config=cfg.arith)
+    suffix = {} if cfg.prompt_suffix is None else {"prompt_suffix": cfg.prompt_suffix}
     return get_task("math", path=cfg.instructions, timeout_s=cfg.verifier.timeout_s,
-                    num_workers=cfg.verifier.workers_per_replica, on_bad_row=cfg.on_bad_row)
+                    num_workers=cfg.verifier.workers_per_replica, on_bad_row=cfg.on_bad_row, **suffix)
 
 
 def sample_seed(run_seed: int, instruction_id: str, sample_index: int) -> int:
@@ -368,13 +373,15 @@ def write_shard(batch: pa.Table, out: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 
-def _shards(instructions: list[Instruction], size: int) -> Iterator[dict]:
+def _shards(instructions: list[Instruction], size: int, task: Task) -> Iterator[dict]:
+    """Shards of instructions; ``prompt`` is the exact user-turn text the policy is sent (the task's
+    :meth:`~prm_ray.tasks.Task.format_instruction`), which every later stage scores as is."""
     for sid, start in enumerate(range(0, len(instructions), size)):
         chunk = instructions[start : start + size]
         yield {
             "shard_id": sid,
             "instruction_id": [i.id for i in chunk],
-            "prompt": [i.prompt for i in chunk],
+            "prompt": [task.format_instruction(i) for i in chunk],
             "gold_answer": [i.answer for i in chunk],
         }
 
@@ -419,7 +426,7 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type | None = None) -> dict:
     save_config(cfg, out / "config.yaml")
     (out / SKIPPED_FILE).write_text(json.dumps([list(s) for s in skipped], indent=1))
 
-    todo = [s for s in _shards(instructions, cfg.shard_size) if not shard_path(out, s["shard_id"]).exists()]
+    todo = [s for s in _shards(instructions, cfg.shard_size, task) if not shard_path(out, s["shard_id"]).exists()]
     stats: list[dict] = []
     with measure() as clock:
         if todo:
