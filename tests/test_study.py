@@ -12,10 +12,12 @@ from prm_ray.config import ConfigError, from_dict
 from prm_ray.study import (
     CompareBaselinesConfig,
     CompareObjectivesConfig,
+    PRMSpec,
     ScaleInstructionsConfig,
     ScaleResponsesConfig,
     compare_baselines_specs,
     compare_objectives_specs,
+    run_study,
     scale_instructions_specs,
     scale_responses_specs,
     train_config,
@@ -34,6 +36,18 @@ def test_study_configs_keep_their_own_nested_defaults():
         from_dict(ScaleResponsesConfig, {"test_rollouts": {"split": "train"}})
     with pytest.raises(ConfigError, match="objectives"):
         from_dict(CompareObjectivesConfig, {"objectives": ["ce", "ppo"]})
+
+
+def test_a_math_shepherd_row_outside_compare_baselines_is_refused_before_any_work(tmp_path):
+    """Only compare_baselines has the `shepherd` section its step labels need; elsewhere such a row
+    used to crash mid-study on `cfg.shepherd`."""
+    for cls in (ScaleResponsesConfig, ScaleInstructionsConfig):
+        with pytest.raises(ConfigError, match="objectives.*math-shepherd-hard.*compare_baselines"):
+            from_dict(cls, {"objectives": ["ce", "math-shepherd-hard"]})
+    spec = PRMSpec("math-shepherd-hard", objective="math-shepherd-hard")
+    with pytest.raises(ConfigError, match="math-shepherd-hard.*shepherd.*ScaleResponsesConfig"):
+        run_study(ScaleResponsesConfig(runs_dir=str(tmp_path)), [spec], axis_name="k", title="t")
+    assert not any(tmp_path.iterdir())
 
 
 def test_grids():

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from prm_ray.artifacts import check_settings, data_dir, load_rollouts, read_json, write_json, write_timing
-from prm_ray.config import save_config, to_dict
+from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.core.flops import forward_flops
 from prm_ray.models import count_parameters
 from prm_ray.policy.bootstrap import bootstrap
@@ -269,6 +269,10 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
 
     A study directory made with another config is refused unless ``cfg.overwrite``.
     """
+    explicit = [s.name for s in specs if s.explicit and not s.undefined]
+    if explicit and not hasattr(cfg, "shepherd"):
+        raise ConfigError(f"rows {explicit} are Math-Shepherd PRMs, which need the step labels of a `shepherd` "
+                          f"section; {type(cfg).__name__} has none (use CompareBaselinesConfig)")
     cfg = _resolved(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
     study_key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "ray_address")},

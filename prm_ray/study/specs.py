@@ -185,6 +185,15 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | 
 # The three studies (paper Figure 5, Figure 4, Tables 1 and 4)
 # ---------------------------------------------------------------------------------------------
 
+def check_implicit(objectives: list[str]) -> None:
+    """Refuse a study's ``objectives`` that are not implicit-PRM objectives: an explicit PRM needs
+    Math-Shepherd step labels, which only compare_baselines makes (its ``shepherd`` section)."""
+    bad = [o for o in objectives if o not in IMPLICIT_OBJECTIVES]
+    if bad:
+        raise ConfigError(f"objectives: {bad} are not implicit-PRM objectives ({', '.join(IMPLICIT_OBJECTIVES)}); "
+                          "Math-Shepherd PRMs need step labels: compare them with the compare_baselines study")
+
+
 @dataclass
 class ScaleResponsesConfig(StudyConfig):
     """Figure 5: PRMs trained on the first k responses per instruction, for each objective."""
@@ -196,6 +205,7 @@ class ScaleResponsesConfig(StudyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_implicit(self.objectives)
         n = self.train_rollouts.sampling.n
         if not self.responses or any(k < 1 or k > n for k in self.responses):
             raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
@@ -225,6 +235,7 @@ class ScaleInstructionsConfig(StudyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_implicit(self.objectives)
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"fractions must be in (0, 1], got {self.fractions}")
 
@@ -296,9 +307,7 @@ class CompareBaselinesConfig(StudyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        bad = [o for o in self.objectives if o not in IMPLICIT_OBJECTIVES]
-        if bad:
-            raise ConfigError(f"objectives: {bad} are not implicit-PRM objectives ({', '.join(IMPLICIT_OBJECTIVES)})")
+        check_implicit(self.objectives)
         bad = [x for x in self.shepherd_labels if x not in ("hard", "soft")]
         if bad:
             raise ConfigError(f"shepherd_labels must be 'hard' and/or 'soft', got {bad}")
