@@ -22,6 +22,7 @@ import torch
 from prm_ray.artifacts import read_prm_card
 from prm_ray.core.reward import (
     AGGREGATIONS,
+    STEP_SPLITS,
     aggregate,
     explicit_token_rewards,
     q_values,
@@ -96,8 +97,10 @@ class PRM:
     (:meth:`batch_token_rewards`)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, step_separator: str = "\n\n",
-                 aggregation: str = "min", append_eos: bool = True) -> None:
+                 aggregation: str = "min", append_eos: bool = True, step_split: str = "blank_line") -> None:
         check_aggregation(aggregation)
+        if step_split not in STEP_SPLITS:
+            raise ValueError(f"step_split must be one of {STEP_SPLITS}, got {step_split!r}")
         if not step_separator:
             raise ValueError("step_separator must be a non-empty string")
         if append_eos and tokenizer.eos_token_id is None:
@@ -108,6 +111,7 @@ class PRM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.step_separator = step_separator
+        self.step_split = step_split  # blank_line, or the released eval's "Step N:" steps
         self.aggregation = aggregation
         self.append_eos = append_eos
         self.max_length: int | None = max_context(model)
@@ -122,7 +126,7 @@ class PRM:
         """Tokenize one prompt+response the way a sampler produced it (see :func:`encode_pair`)."""
         return encode_pair(self.tokenizer, prompt, response, chat_template=chat_template,
                            append_eos=self.append_eos, separator=self.step_separator,
-                           max_length=self.max_length, index=index)
+                           max_length=self.max_length, index=index, step_split=self.step_split)
 
     def collate(self, items: Sequence[TokenizedItem]) -> dict[str, torch.Tensor]:
         """Right-pad items into ``input_ids``, ``attention_mask``, ``response_mask``, ``step_ids``."""
@@ -172,12 +176,12 @@ class ImplicitPRM(PRM):
 
     def __init__(self, model: torch.nn.Module, tokenizer, ref_model: torch.nn.Module | None = None, *,
                  beta: float = 0.05, step_separator: str = "\n\n", aggregation: str = "min",
-                 append_eos: bool = True) -> None:
+                 append_eos: bool = True, step_split: str = "blank_line") -> None:
         if ref_model is not None and model.config.vocab_size != ref_model.config.vocab_size:
             raise ValueError(f"PRM and reference models have different vocab_size ({model.config.vocab_size} vs "
                              f"{ref_model.config.vocab_size}); the log-ratio needs both models over the same tokenizer")
         super().__init__(model, tokenizer, step_separator=step_separator, aggregation=aggregation,
-                         append_eos=append_eos)
+                         append_eos=append_eos, step_split=step_split)
         self.ref_model = ref_model.eval() if ref_model is not None else None
         self.beta = float(beta)
         self.max_length = max_context(model, ref_model)
@@ -185,7 +189,8 @@ class ImplicitPRM(PRM):
     @classmethod
     def from_pretrained(cls, path: str, ref_path: str | None = None, beta: float = 0.05, *,
                         step_separator: str = "\n\n", aggregation: str = "min", device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32, append_eos: bool = True) -> ImplicitPRM:
+                        dtype: torch.dtype | str = torch.float32, append_eos: bool = True,
+                        step_split: str = "blank_line") -> ImplicitPRM:
         """Load the PRM (and optionally the reference) as ``AutoModelForCausalLM`` + its tokenizer.
 
         The reference's tokenizer (if it ships one) must have exactly the PRM tokenizer's vocabulary.
@@ -205,7 +210,7 @@ class ImplicitPRM(PRM):
                                  f"{len(ref_tokenizer)} tokens); the PRM and its reference must share one vocabulary")
             ref_model = load_causal_lm(ref_path, dtype, device, "reference model")
         return cls(model, tokenizer, ref_model, beta=beta, step_separator=step_separator,
-                   aggregation=aggregation, append_eos=append_eos)
+                   aggregation=aggregation, append_eos=append_eos, step_split=step_split)
 
     @torch.inference_mode()
     def token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
@@ -246,18 +251,21 @@ class ExplicitPRM(PRM):
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, positive_token: str = "+", negative_token: str = "-",
-                 step_separator: str = "\n\n", aggregation: str = "min", append_eos: bool = True) -> None:
+                 step_separator: str = "\n\n", aggregation: str = "min", append_eos: bool = True,
+                 step_split: str = "blank_line") -> None:
         super().__init__(model, tokenizer, step_separator=step_separator, aggregation=aggregation,
-                         append_eos=append_eos)
+                         append_eos=append_eos, step_split=step_split)
         self.positive_id, self.negative_id = step_label_token_ids(tokenizer, [positive_token, negative_token])
 
     @classmethod
     def from_pretrained(cls, path: str, *, positive_token: str = "+", negative_token: str = "-",
                         step_separator: str = "\n\n", aggregation: str = "min", device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32, append_eos: bool = True) -> ExplicitPRM:
+                        dtype: torch.dtype | str = torch.float32, append_eos: bool = True,
+                        step_split: str = "blank_line") -> ExplicitPRM:
         return cls(load_causal_lm(path, dtype, device, "PRM"), load_tokenizer(path, "PRM"),
                    positive_token=positive_token, negative_token=negative_token,
-                   step_separator=step_separator, aggregation=aggregation, append_eos=append_eos)
+                   step_separator=step_separator, aggregation=aggregation, append_eos=append_eos,
+                   step_split=step_split)
 
     @torch.inference_mode()
     def batch_token_rewards(self, batch: dict[str, torch.Tensor], num_steps: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from prm_ray.config import ConfigError
-from prm_ray.core.reward import step_ids_from_offsets
+from prm_ray.core.reward import step_ids_from_offsets, steps_to_score
 
 __all__ = ["TOKEN_FIELDS", "TOKEN_NAMES", "TokenizedItem", "collate_items", "collate_tokens", "encode_pair", "encode_table",
            "list_values", "max_context", "pad_token_id", "prompt_ids", "prompt_token_counts", "render_prompt",
@@ -91,13 +91,16 @@ def encode_pair(
     separator: str = "\n\n",
     max_length: int | None = None,
     index: int | None = None,
+    step_split: str = "blank_line",
 ) -> TokenizedItem:
     """Tokenize one prompt+response the way a sampler produced it.
 
     The prompt (rendered with the chat template if ``chat_template``) and the response are
     tokenized separately without special tokens and concatenated; EOS is appended if
     ``append_eos`` (the paper's last step includes the end-of-turn token). Raises ``ValueError``
-    rather than truncating when the sequence exceeds ``max_length``.
+    rather than truncating when the sequence exceeds ``max_length``. ``step_split="release"``
+    tokenizes the response rewritten into the released eval's steps
+    (:func:`prm_ray.core.reward.steps_to_score`).
 
     Example (the shipped policy's character tokenizer, whose template is ``<s>Q: {prompt}\\n``)::
 
@@ -112,9 +115,10 @@ def encode_pair(
     if not p_ids:
         raise ValueError(f"{where}: the prompt is empty after rendering; the first response "
                          "token needs a context (use the chat template or include BOS)")
+    response, starts = steps_to_score(response, step_split, separator)
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     response_ids, step_ids, steps = _response_steps(tokenizer, response, enc["input_ids"], enc["offset_mapping"],
-                                                    append_eos, separator)
+                                                    append_eos, separator, starts)
     total = len(p_ids) + len(response_ids)
     if max_length is not None and total > max_length:
         raise ValueError(
@@ -124,14 +128,14 @@ def encode_pair(
     return TokenizedItem(p_ids + response_ids, len(p_ids), step_ids, steps)
 
 
-def _response_steps(tokenizer, response: str, ids, offsets, append_eos: bool,
-                    separator: str) -> tuple[list[int], list[int], list[str]]:
+def _response_steps(tokenizer, response: str, ids, offsets, append_eos: bool, separator: str,
+                    starts: list[int] | None = None) -> tuple[list[int], list[int], list[str]]:
     """A response's ids (+ EOS), the step of each and the step texts, from the tokenizer's output."""
     ids, offsets = list(ids), [tuple(o) for o in offsets]
     if append_eos:
         ids.append(tokenizer.eos_token_id)
         offsets.append((len(response), len(response)))  # zero-width: joins the last step
-    step_ids, steps = step_ids_from_offsets(response, offsets, separator)
+    step_ids, steps = step_ids_from_offsets(response, offsets, separator, starts)
     return ids, step_ids, steps
 
 
@@ -177,11 +181,14 @@ def prompt_token_counts(tokenizer, prompts: Sequence[str]) -> list[int]:
 
 
 def encode_table(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, chat_template: bool = True,
-                 append_eos: bool = True, separator: str = "\n\n", names: Sequence[str] | None = None) -> pa.Table:
+                 append_eos: bool = True, separator: str = "\n\n", names: Sequence[str] | None = None,
+                 step_split: str = "blank_line") -> pa.Table:
     """:data:`TOKEN_FIELDS` columns of each prompt+response, exactly what :func:`encode_pair` gives
     (a test checks it), with the responses tokenized in one batched call and each distinct prompt once.
     ``names`` name the rows in errors (default: their index)."""
     p_cache = {p: prompt_ids(tokenizer, p, chat_template=chat_template) for p in set(prompts)}
+    split = [steps_to_score(r, step_split, separator) for r in responses]
+    responses = [text for text, _ in split]
     enc = tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
     ids, plen, steps, nsteps = [], [], [], []
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -190,7 +197,7 @@ def encode_table(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
             raise ValueError(f"{names[i] if names else f'row {i}'}: the prompt is empty after rendering; the first response token needs a "
                              "context (use the chat template or include BOS)")
         r_ids, step_ids, texts = _response_steps(tokenizer, r, enc["input_ids"][i], enc["offset_mapping"][i],
-                                                 append_eos, separator)
+                                                 append_eos, separator, split[i][1])
         ids.append(p_ids + r_ids)
         plen.append(len(p_ids))
         steps.append(step_ids)

@@ -10,7 +10,7 @@ import pytest
 from prm_ray.config import ConfigError
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.scoring import ImplicitPRM
-from prm_ray.stages.evaluate import EvaluateConfig, evaluate_prm, problems_from_scores, reference_logprobs
+from prm_ray.stages.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
 
 RESPONSES = [
     "Step 1: 3+4 = 7\n\nStep 2: 7*2 = 4\n\nThe answer is \\boxed{4}",
@@ -30,7 +30,8 @@ def rollouts(tmp_path_factory):
     for p in range(3):
         rows = [{"instruction_id": f"p{p}", "prompt": f"Compute {p}+{p} then double it.",
                  "response": RESPONSES[(p + j) % len(RESPONSES)], "sample_index": j,
-                 "correct": (p + j) % 2 == 0, "extracted_answer": str((p + j) % 3)} for j in range(4)]
+                 "correct": (p + j) % 2 == 0, "extracted_answer": str((p + j) % 3),
+                 "answer_group": str((p + j) % 3)} for j in range(4)]
         pq.write_table(pa.Table.from_pylist(rows), out / "data" / f"shard-{p:06d}.parquet")
     return out
 
@@ -50,6 +51,7 @@ def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_pa
         assert reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg)["reused"]
         data = tmp_path / "ref"
     res = evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)
+    assert res["votes_by"] == "answer_group"
     assert res["problems"] == 3 and res["samples_per_problem"] == 4 and res["responses"] == 12
     got = pq.read_table(tmp_path / "eval" / "scores").to_pylist()
     src = pq.read_table(rollouts / "data").to_pydict()
@@ -69,8 +71,9 @@ def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_pa
                            dtype="float32")
     assert not evaluate_prm(tiny_prm_path, data, tmp_path / "eval", other, beta=0.3, overwrite=True)["reused"]
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert saved["metrics"]["bon@4"] == pytest.approx(
-        _bon_by_hand(problems_from_scores(tmp_path / "eval" / "scores")), abs=1e-12)
+    problems = problems_from_scores(tmp_path / "eval" / "scores")
+    assert saved["metrics"]["bon@4"] == pytest.approx(_bon_by_hand(problems), abs=1e-12)
+    assert saved["metrics"] == metrics(problems, other, beta=0.3)  # the vote coefficient sees beta
 
 
 def _bon_by_hand(problems):
@@ -120,11 +123,27 @@ def test_scoring_without_cached_reference_is_refused(rollouts, tiny_prm_path, ra
         evaluate_prm(tiny_prm_path, rollouts, tmp_path / "eval", EvaluateConfig(replicas=1))
 
 
+def test_the_vote_coefficient_multiplies_the_raw_log_ratio_by_default():
+    """The released eval weighs votes by sigmoid(0.001 x log-ratio), without the training beta;
+    vote_on: score puts the coefficient on the beta-scaled score instead (20x flatter at beta 0.05)."""
+    p = [{"instruction_id": "p", "correct": [True, False, False], "answers": ["a", "b", "b"],
+          "scores": [50.0, -50.0, -50.0]}]  # beta 0.05: log-ratios +-1000
+    assert metrics(p, EvaluateConfig(ns=[3]), beta=0.05)["weighted_mv@3"] == 1.0  # sigmoid(1) > 2 sigmoid(-1)
+    assert metrics(p, EvaluateConfig(ns=[3], vote_on="score"), beta=0.05)["weighted_mv@3"] == 0.0
+    assert metrics(p, EvaluateConfig(ns=[3], vote_coef=0.02), beta=1.0)["weighted_mv@3"] == 1.0
+
+
 def test_bad_eval_config_names_the_field():
     with pytest.raises(ConfigError, match="eval.aggregation"):
         EvaluateConfig(aggregation="max")
     with pytest.raises(ConfigError, match="eval.protocol"):
         EvaluateConfig(protocol="last")
+    with pytest.raises(ConfigError, match="eval.vote_on"):
+        EvaluateConfig(vote_on="beta")
+    with pytest.raises(ConfigError, match="eval.ties"):
+        EvaluateConfig(ties="last")
+    with pytest.raises(ConfigError, match="eval.vote_coef"):
+        EvaluateConfig(vote_coef=0)
     with pytest.raises(ConfigError, match="eval.micro_batch_size"):
         EvaluateConfig(micro_batch_size=0)
 
@@ -146,3 +165,33 @@ def test_the_vllm_backend_gives_the_hf_passs_numbers(rollouts, tiny_prm_path, ti
         assert scores["vllm"][k]["score_min"] == pytest.approx(want["score_min"], abs=1e-4)
     with pytest.raises(ConfigError, match="backend"):
         EvaluateConfig(backend="trt")
+
+
+def test_the_release_preset_pins_the_released_eval_s_settings():
+    cfg = EvaluateConfig(preset="release")
+    assert (cfg.step_split, cfg.aggregation, cfg.vote_coef, cfg.vote_on, cfg.ties, cfg.protocol) == (
+        "release", "min", 0.001, "log_ratio", "first", "first")
+    assert cfg.pass_config().step_split == "release"  # the reference pass tokenizes the same texts
+    assert EvaluateConfig(preset="release", ns=[4], replicas=1).ns == [4]  # other fields stay free
+    with pytest.raises(ConfigError, match="eval.aggregation is 'sum' but eval.preset release"):
+        EvaluateConfig(preset="release", aggregation="sum")
+    with pytest.raises(ConfigError, match="eval.preset"):
+        EvaluateConfig(preset="paper")
+    from prm_ray.config import from_dict, to_dict
+
+    assert from_dict(EvaluateConfig, to_dict(cfg)) == cfg  # a saved config loads back
+
+
+def test_release_steps_score_as_in_process(rollouts, tiny_prm_path, ray_session, tmp_path):
+    cfg = EvaluateConfig(preset="release", use_reference=False, batch_size=6, micro_batch_size=4, replicas=1,
+                         dtype="float32")
+    res = evaluate_prm(tiny_prm_path, rollouts, tmp_path / "eval", cfg, beta=0.3)
+    src = pq.read_table(rollouts / "data").to_pydict()
+    prm = ImplicitPRM.from_pretrained(tiny_prm_path, beta=0.3, step_split="release")
+    want = prm.score(src["prompt"], src["response"], aggregation="min")
+    got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
+    for i, w in enumerate(want):
+        row = got[(src["instruction_id"][i], src["sample_index"][i])]
+        assert row["step_rewards"] == pytest.approx(w.step_rewards, abs=1e-5)
+        assert len(w.step_rewards) == max(1, RESPONSES[(i // 4 + i % 4) % len(RESPONSES)].count("Step "))
+    assert res["metrics"]["pass@1_first"] == sum(src["correct"][i] for i in range(0, 12, 4)) / 3

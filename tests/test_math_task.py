@@ -318,3 +318,29 @@ def test_pool_errors_crashes_and_deadlines():
         DeadlinePool(1, initializer=sys.exit)  # raises SystemExit in the worker
     with pytest.raises(TypeError, match="module-level function"):
         DeadlinePool(1, initializer=lambda: None)
+
+
+def test_answer_groups_merge_equivalent_spellings(task):
+    """Votes count answers, not spellings: correct answers vote as the gold; wrong ones merge
+    when math-verify finds them equal; no answer gives no vote."""
+    def verdicts(answers, gold):
+        return [task.verify(f"so \\boxed{{{a}}}" if a is not None else "no idea", gold) for a in answers]
+
+    answers = ["0.5", "\\dfrac{1}{2}", "\\frac12", "3", " 3 ", "\\frac{4}{6}", "\\frac23", "x+1", None]
+    [keys] = task.answer_groups([(verdicts(answers, "\\frac{1}{2}"), "\\frac{1}{2}")])
+    assert keys[:3] == ["\\frac{1}{2}"] * 3  # correct: the gold's key
+    assert keys[3] == keys[4] == "3"  # whitespace
+    assert keys[5] == keys[6] == "\\frac{4}{6}"  # equal math, named by the first seen
+    assert keys[7] == "x+1" and keys[8] is None
+    assert len(set(keys[:8])) == 4
+    # Several problems in one call: groups never cross problems.
+    a, b = task.answer_groups([(verdicts(["2", "4"], "1"), "1"), (verdicts(["4", "2"], "1"), "1")])
+    assert a == ["2", "4"] and b == ["4", "2"]
+
+
+def test_arith_groups_integers_as_integers():
+    from prm_ray.tasks.arith import ArithTask
+
+    arith = ArithTask()
+    vs = [arith.verify(f"\\boxed{{{a}}}", "9") for a in ("09", "9", "+9", "8", "nine")]
+    assert arith.answer_groups([(vs, "9")]) == [["9", "9", "9", "8", "nine"]]

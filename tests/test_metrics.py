@@ -118,3 +118,27 @@ def test_evaluate_problems_averages_over_problems_and_validates():
     with pytest.raises(ValueError, match="no problems"):
         evaluate_problems([])
     assert math.isfinite(out["weighted_mv@2"])
+
+
+def test_first_tie_rule_is_the_released_eval_s():
+    # best-of-N: the earliest of the tied samples, not the expectation over them
+    assert best_of_n([1.0, 1.0, 0.0], [False, True, True], ties="first") == 0.0
+    assert best_of_n([0.0, 1.0, 1.0], [False, True, False], ties="first") == 1.0
+    # voting: the answer seen first among the tied
+    assert vote(["1", "2"], [False, True], ties="first") == 0.0
+    assert vote(["2", "1", "1", "2"], [True, False, False, True], ties="first") == 1.0
+    m = problem_metrics([False, True], ["1", "2"], [0.5, 0.5], 2, ties="first")
+    assert m == {"majority@2": 0.0, "weighted_mv@2": 0.0, "bon@2": 0.0, "pass@2": 1.0}
+    with pytest.raises(ValueError, match="ties"):
+        problem_metrics([True], ["1"], [0.0], 1, ties="last")
+
+
+def test_pass_at_1_is_reported_both_ways():
+    """pass@1: the mean over all M samples (unbiased); pass@1_first: the first sample only (the
+    released eval's N = 1 number)."""
+    p1 = {"correct": [False, True, True, True], "answers": ["1"] * 4, "scores": [0.0] * 4}
+    p2 = {"correct": [True, False, False, False], "answers": ["1"] * 4, "scores": [0.0] * 4}
+    out = evaluate_problems([p1, p2], ns=[1])
+    assert out["pass@1"] == 0.5 and out["pass@1_first"] == 0.5
+    out = evaluate_problems([p1, p1], ns=[1])
+    assert out["pass@1"] == 0.75 and out["pass@1_first"] == 0.0

@@ -288,6 +288,9 @@ def test_aggregate_methods_and_padding_never_wins_min():
     torch.testing.assert_close(aggregate(r, m, "sum"), torch.tensor([-0.6, 0.7, 5.0]))
     torch.testing.assert_close(aggregate(r, m, "last_q"), aggregate(r, m, "sum"))
     torch.testing.assert_close(aggregate(r, m, "mean"), torch.tensor([-0.2, 0.7, 2.5]))
+    # the released eval's accumulative modes, over q = [[0.3, 0.4, -0.6], [0.7], [2.0, 5.0]]
+    torch.testing.assert_close(aggregate(r, m, "min_q"), torch.tensor([-0.6, 0.7, 2.0]))
+    torch.testing.assert_close(aggregate(r, m, "sum_q"), torch.tensor([0.1, 0.7, 7.0]))
     # garbage in padded slots changes nothing
     noisy = torch.where(m, r, torch.full_like(r, -1e6))
     for method in AGGREGATIONS:

@@ -169,6 +169,33 @@ def test_the_math_instruction_is_configurable_and_part_of_the_settings(ray_sessi
         RolloutConfig(task="arith", prompt_suffix="x")
 
 
+class SpellingSampler(ScriptedSampler):
+    """Three right answers spelled three ways, and one wrong answer spelled the same way twice."""
+
+    RESPONSES = ["\\boxed{0.5}", "\\boxed{\\dfrac{1}{2}}", "\\boxed{\\frac12}", "\\boxed{3}", "\\boxed{3}"]
+
+
+def test_equivalent_spellings_win_the_majority_that_raw_strings_lose(ray_session, tmp_path):
+    import ray.cloudpickle
+
+    from prm_ray.core.metrics import evaluate_problems
+    from prm_ray.stages.evaluate import EvaluateConfig, metrics, problems_from_scores
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    problems = tmp_path / "half.jsonl"
+    problems.write_text(json.dumps({"problem": "Half of one?", "answer": "\\frac{1}{2}", "unique_id": "h"}) + "\n")
+    cfg = RolloutConfig(model="scripted", out=str(tmp_path / "m"), task="math", instructions=str(problems),
+                        sampling=SamplingConfig(n=5, temperature=1.0), progress=False)
+    run_rollouts(cfg, sampler_cls=SpellingSampler)
+    table = _read(tmp_path / "m")
+    assert table.column("correct").to_pylist() == [True, True, True, False, False]
+    table = table.append_column("score_min", pa.array([0.0] * 5, pa.float64()))
+    grouped = metrics(problems_from_scores(table), EvaluateConfig(ns=[5]))
+    raw = evaluate_problems(problems_from_scores(table, votes="extracted_answer"), [5])
+    assert grouped["majority@5"] == 1.0 and grouped["weighted_mv@5"] == 1.0
+    assert raw["majority@5"] == 0.0  # "3" has two raw votes, each right spelling one
+
+
 def test_bad_rows_can_be_fatal_with_a_message_naming_them(math_file, tmp_path):
     cfg = RolloutConfig(model="scripted", out=str(tmp_path / "m"), task="math", instructions=str(math_file),
                         on_bad_row="error", progress=False)

@@ -205,3 +205,38 @@ def test_the_ray_data_token_pass_equals_the_in_process_one_and_is_reused(tok, ro
     assert read_tokens(here).num_rows == rollouts.num_rows
     with pytest.raises(FileNotFoundError, match="no dataset"):
         tokenize_dataset(tmp_path / "missing", POLICY)
+
+
+def test_the_release_split_scores_the_released_eval_s_steps(tok, tmp_path):
+    """step_split release: "Step N:" markers, pieces stripped, renumbered and joined by blank lines;
+    each step ends with its separator and the last holds the EOS token."""
+    from prm_ray.core.reward import release_steps, steps_to_score
+
+    response = "Let me see. Step 1: 1+2 = 3\nStep 3: 3*2 = 6, Step-wise\n\nStep 2:\n The answer is \\boxed{6}"
+    assert release_steps(response) == ["Step 1: Let me see.", "Step 2: 1+2 = 3", "Step 3: 3*2 = 6, step-wise",
+                                       "Step 4: The answer is \\boxed{6}"]
+    text, starts = steps_to_score(response, "release")
+    assert text == "\n\n".join(release_steps(response)) and [text[s:s + 7] for s in starts] == ["Step 1:", "Step 2:",
+                                                                                                "Step 3:", "Step 4:"]
+    assert steps_to_score("no markers\n\nat all", "release")[0] == "Step 1: no markers\n\nat all"
+    assert steps_to_score("", "release") == ("", None) and steps_to_score(" \n", "release") == ("", None)
+    with pytest.raises(ValueError, match="step_split"):
+        steps_to_score("x", "sentences")
+    item = encode_pair(tok, "1+2", response, step_split="release")
+    assert item.steps == [s + "\n\n" for s in release_steps(response)[:-1]] + [release_steps(response)[-1]]
+    assert item.step_ids[-1] == 3 and item.input_ids[-1] == tok.eos_token_id  # EOS closes the last step
+    # "no markers": one step even though it has a blank line (the blank_line split makes two)
+    assert len(encode_pair(tok, "1", "no markers\n\nat all", step_split="release").steps) == 1
+    assert len(encode_pair(tok, "1", "no markers\n\nat all").steps) == 2
+    # The token cache of the release split is its own, and equals per-row encoding.
+    (tmp_path / "d" / "data").mkdir(parents=True)
+    rows = [{"instruction_id": "i", "sample_index": j, "prompt": "1+2", "response": r}
+            for j, r in enumerate([response, "no markers\n\nat all", ""])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d" / "data" / "shard-000000.parquet")
+    plain, _ = tokenize_dataset(tmp_path / "d", POLICY)
+    release, _ = tokenize_dataset(tmp_path / "d", POLICY, step_split="release")
+    assert plain != release
+    got = pq.read_table(release / "data").to_pylist()
+    for r in got:
+        want = encode_pair(tok, r["prompt"], r["response"], step_split="release")
+        assert (r["input_ids"], r["step_ids"], r["num_steps"]) == (want.input_ids, want.step_ids, len(want.steps))

@@ -4,9 +4,13 @@ Every function takes one problem's M samples: ``correct`` (bool per sample), ``a
 extracted final answer per sample, None when there was none) and ``scores`` (the PRM's
 aggregated score per sample). :func:`evaluate_problems` averages them over problems for every N.
 
-Ties never depend on sample order: best-of-N and voting return the *expected* accuracy of a
-uniformly random pick among the tied candidates (the paper's code takes the first of them, which
-ties to sample order; for a min-step-reward score ties are rare, for voting they are not).
+Ties (``ties``): ``expected`` (the default) never depends on sample order: best-of-N and voting
+return the *expected* accuracy of a uniformly random pick among the tied candidates. ``first`` is
+the released eval's rule: best-of-N takes the earliest of the tied samples, voting the answer seen
+first (for a min-step-reward score ties are rare, for voting they are not).
+
+Weighted voting weighs each sample by ``sigmoid(vote_coef * score)``; the caller decides what the
+coefficient multiplies (:class:`prm_ray.stages.evaluate.EvaluateConfig` ``vote_on``).
 
 Protocols for choosing N of M samples:
 
@@ -25,15 +29,18 @@ from collections.abc import Sequence
 import numpy as np
 
 PROTOCOLS = ("first", "random")
+TIES = ("expected", "first")
 
 
-def best_of_n(scores: Sequence[float], correct: Sequence[bool]) -> float:
-    """Accuracy of picking the highest-scoring sample (ties: expected accuracy among the tied)."""
+def best_of_n(scores: Sequence[float], correct: Sequence[bool], ties: str = "expected") -> float:
+    """Accuracy of picking the highest-scoring sample (ties: see the module docstring)."""
     if len(scores) != len(correct) or not len(scores):
         raise ValueError(f"need as many scores as labels (>0), got {len(scores)} and {len(correct)}")
     s = np.asarray(scores, dtype=np.float64)
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
+    if ties == "first":
+        return float(bool(correct[int(np.argmax(s))]))  # argmax: the first of the maxima
     best = s == s.max()
     return float(np.asarray(correct, dtype=np.float64)[best].mean())
 
@@ -48,9 +55,11 @@ def answer_totals(answers: Sequence[str | None], weights: Sequence[float]) -> di
     return totals
 
 
-def vote(answers: Sequence[str | None], correct: Sequence[bool], weights: Sequence[float] | None = None) -> float:
+def vote(answers: Sequence[str | None], correct: Sequence[bool], weights: Sequence[float] | None = None,
+         ties: str = "expected") -> float:
     """Accuracy of the (weighted) majority answer. Samples without an answer do not vote; if no
-    sample has one the vote is wrong (0). Ties: expected accuracy over the tied answers."""
+    sample has one the vote is wrong (0). Ties: expected accuracy over the tied answers, or the
+    first-seen of them (``ties="first"``)."""
     if len(answers) != len(correct):
         raise ValueError(f"{len(answers)} answers but {len(correct)} labels")
     totals = answer_totals(answers, [1.0] * len(answers) if weights is None else list(weights))
@@ -63,6 +72,8 @@ def vote(answers: Sequence[str | None], correct: Sequence[bool], weights: Sequen
     top = max(totals.values())
     # Relative tolerance: float sums of the same weights in different orders must still tie.
     winners = [a for a, t in totals.items() if math.isclose(t, top, rel_tol=1e-12, abs_tol=1e-15)]
+    if ties == "first":
+        winners = winners[:1]  # totals keep first-seen order
     # An answer string is correct or not as a whole; the mean guards against a verifier that is
     # not a function of the string alone.
     return float(np.mean([np.mean(right[a]) for a in winners]))
@@ -84,7 +95,7 @@ def pass_at_k_exact(num_correct: int, m: int, k: int) -> float:
 
 def problem_metrics(correct: Sequence[bool], answers: Sequence[str | None], scores: Sequence[float],
                     n: int, *, protocol: str = "first", subsets: int = 100, rng: random.Random | None = None,
-                    vote_coef: float = 0.001) -> dict[str, float]:
+                    vote_coef: float = 0.001, ties: str = "expected") -> dict[str, float]:
     """``pass@N``, ``majority@N``, ``bon@N``, ``weighted_mv@N`` of one problem for one N."""
     m = len(correct)
     if not (len(answers) == len(scores) == m):
@@ -94,6 +105,8 @@ def problem_metrics(correct: Sequence[bool], answers: Sequence[str | None], scor
         raise ValueError(f"N={n} is outside 1..M={m}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     weights = sigmoid_weights(scores, vote_coef)
     if protocol == "first" or n == m:
         picks = [list(range(n))]
@@ -104,9 +117,9 @@ def problem_metrics(correct: Sequence[bool], answers: Sequence[str | None], scor
     for idx in picks:
         c = [correct[i] for i in idx]
         a = [answers[i] for i in idx]
-        acc["majority"] += vote(a, c)
-        acc["weighted_mv"] += vote(a, c, [weights[i] for i in idx])
-        acc["bon"] += best_of_n([scores[i] for i in idx], c)
+        acc["majority"] += vote(a, c, ties=ties)
+        acc["weighted_mv"] += vote(a, c, [weights[i] for i in idx], ties=ties)
+        acc["bon"] += best_of_n([scores[i] for i in idx], c, ties=ties)
     out = {f"{k}@{n}": v / len(picks) for k, v in acc.items()}
     if protocol == "first":
         out[f"pass@{n}"] = float(any(correct[:n]))
@@ -125,12 +138,14 @@ def default_ns(m: int) -> list[int]:
 
 
 def evaluate_problems(problems: Sequence[dict], ns: Sequence[int] | None = None, *, protocol: str = "first",
-                      subsets: int = 100, seed: int = 0, vote_coef: float = 0.001) -> dict[str, float]:
+                      subsets: int = 100, seed: int = 0, vote_coef: float = 0.001,
+                      ties: str = "expected") -> dict[str, float]:
     """Average the metrics over problems. Each problem is a dict with equal-length lists
     ``correct``, ``answers``, ``scores`` (all problems must have the same M).
 
-    Returns ``pass@1`` (the mean correctness of all M samples) and ``pass@N``, ``majority@N``,
-    ``bon@N``, ``weighted_mv@N`` for every N, as fractions in [0, 1].
+    Returns ``pass@1`` (the mean correctness of all M samples: unbiased), ``pass@1_first`` (the
+    first sample's correctness: the released eval's N = 1 number, noisier) and ``pass@N``,
+    ``majority@N``, ``bon@N``, ``weighted_mv@N`` for every N, as fractions in [0, 1].
     """
     if not problems:
         raise ValueError("no problems to evaluate")
@@ -145,12 +160,14 @@ def evaluate_problems(problems: Sequence[dict], ns: Sequence[int] | None = None,
     totals: dict[str, float] = defaultdict(float)
     for k, p in enumerate(problems):
         totals["mean_correct"] += float(np.mean(np.asarray(p["correct"], dtype=np.float64)))
+        totals["first_correct"] += float(bool(p["correct"][0]))
         rng = random.Random(f"{seed}:{k}")  # per problem: adding problems does not reshuffle others
         for n in ns:
             for key, v in problem_metrics(p["correct"], p["answers"], p["scores"], n, protocol=protocol,
-                                          subsets=subsets, rng=rng, vote_coef=vote_coef).items():
+                                          subsets=subsets, rng=rng, vote_coef=vote_coef, ties=ties).items():
                 totals[key] += v
-    out = {"pass@1": totals.pop("mean_correct") / len(problems)}
+    out = {"pass@1": totals.pop("mean_correct") / len(problems),
+           "pass@1_first": totals.pop("first_correct") / len(problems)}
     for n in ns:
         for kind in ("pass", "majority", "weighted_mv", "bon"):
             key = f"{kind}@{n}"

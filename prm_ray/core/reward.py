@@ -22,17 +22,19 @@ from __future__ import annotations
 import bisect
 import inspect
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean")
+AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean", "min_q", "sum_q")
 """Ways to turn a response's step rewards into one score (see :func:`aggregate`)."""
 
 __all__ = [
     "AGGREGATIONS",
     "LOGPROB_CHUNK",
+    "STEP_SPLITS",
     "ResponseLogprobs",
     "aggregate",
     "chunked_head_logprobs",
@@ -43,12 +45,14 @@ __all__ = [
     "implicit_reward",
     "masked_head_logprobs",
     "q_values",
+    "release_steps",
     "response_logprobs",
     "sequence_reward",
     "step_end_index",
     "step_ids_from_offsets",
     "step_label_logits",
     "step_rewards",
+    "steps_to_score",
     "token_q_values",
     "token_rewards",
 ]
@@ -279,8 +283,42 @@ def _step_starts(text: str, separator: str) -> list[int]:
     return starts
 
 
+STEP_SPLITS: tuple[str, ...] = ("blank_line", "release")
+"""How a response is cut into steps for scoring: ``blank_line`` (prm-ray's default: the raw
+response split on the separator, :func:`step_ids_from_offsets`) or ``release`` (the released
+eval's ``Step N:`` markers, :func:`release_steps`)."""
+
+_STEP_MARKER = re.compile(r"Step \d+:")
+
+
+def release_steps(response: str) -> list[str]:
+    """The released eval's steps: the response split on ``Step N:`` markers, each piece stripped
+    (text before the first marker is step 1; any other "Step" inside a piece becomes "step"), then
+    renumbered ``Step k: ``. A response without markers is one step; an empty one has none."""
+    pieces = [p.strip().replace("Step", "step") for p in _STEP_MARKER.split(response) if p.strip()]
+    return [f"Step {k + 1}: {p}" for k, p in enumerate(pieces)]
+
+
+def steps_to_score(response: str, step_split: str = "blank_line",
+                   separator: str = "\n\n") -> tuple[str, list[int] | None]:
+    """``(text, starts)``: the text that is tokenized and scored, and where its steps start
+    (``None``: split on ``separator``, :func:`step_ids_from_offsets`). ``release`` rewrites the
+    response as its :func:`release_steps` joined by ``separator``, as the released eval scores it
+    (each step then ends with its separator; the last one gets the end-of-turn token)."""
+    if step_split == "blank_line":
+        return response, None
+    if step_split != "release":
+        raise ValueError(f"step_split must be one of {STEP_SPLITS}, got {step_split!r}")
+    steps = release_steps(response)
+    starts, pos = [], 0
+    for step in steps:
+        starts.append(pos)
+        pos += len(step) + len(separator)
+    return separator.join(steps), starts or None
+
+
 def step_ids_from_offsets(
-    text: str, offsets: list[tuple[int, int]], separator: str = "\n\n"
+    text: str, offsets: list[tuple[int, int]], separator: str = "\n\n", starts: list[int] | None = None
 ) -> tuple[list[int], list[str]]:
     """Assign every response token to a reasoning step; return ``(step_id per token, step texts)``.
 
@@ -305,7 +343,8 @@ def step_ids_from_offsets(
        at least one token and the step ids are ``0..n-1`` in order.
 
     An empty ``text`` with only zero-width tokens (an empty response plus EOS) is one step ``""``;
-    no tokens at all gives ``([], [])``.
+    no tokens at all gives ``([], [])``. ``starts``, when given, replaces rule 1: the characters
+    where steps start (the first is 0), as :func:`steps_to_score` returns them.
     """
     n_chars = len(text)
     for i, (s, e) in enumerate(offsets):
@@ -316,7 +355,8 @@ def step_ids_from_offsets(
             raise ValueError("no token offsets given for a non-empty text")
         return [], []
 
-    starts = _step_starts(text, separator) if text else [0]
+    if starts is None:
+        starts = _step_starts(text, separator) if text else [0]
     bounds = starts + [n_chars]
 
     # Step of the step-start at or before each token's last character.
@@ -397,6 +437,8 @@ def aggregate(step_rewards: torch.Tensor, step_mask: torch.Tensor, method: str =
     * ``"last_q"``: q at the final step = the outcome reward ``r(y)`` (equal to ``"sum"`` up to
       floating-point, kept as its own name because it means "use the ORM score").
     * ``"mean"``: the average step reward.
+    * ``"min_q"``: the lowest q-value ``min_t q^t``, the released eval's "accumulative-min" (its
+      ``min`` is our ``min``); ``"sum_q"``: ``sum_t q^t``, its "accumulative-sum".
 
     A row with no steps (an empty response scored without an EOS token) scores 0.0 under every
     method: the value of an empty sum, q^0 = 0. (With EOS appended, an empty response has one step
@@ -419,8 +461,14 @@ def aggregate(step_rewards: torch.Tensor, step_mask: torch.Tensor, method: str =
         positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
         last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values
         score = q.gather(-1, last.clamp(min=0)[:, None]).squeeze(-1) if mask.shape[-1] else zero.expand(mask.shape[0])
-    else:  # mean
+    elif method == "mean":
         score = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1).to(step_rewards.dtype)
+    else:  # min_q, sum_q: over the running sums
+        q = q_values(step_rewards, mask)
+        if method == "sum_q":
+            score = q.sum(dim=-1)
+        else:
+            score = q.masked_fill(~mask, math.inf).min(dim=-1).values if mask.shape[-1] else zero.expand(mask.shape[0])
     return torch.where(has_steps, score, zero)
 
 

@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 from prm_ray.artifacts import POLICY_CARD, check_settings, read_json, read_policy_card, write_json
 from prm_ray.config import param, save_config, to_dict
+from prm_ray.core.metrics import vote
 from prm_ray.core.schedule import warmup_cosine
 from prm_ray.policy.model import ModelShape, build_char_tokenizer
 from prm_ray.tasks.arith import ArithConfig, ArithTask
@@ -213,12 +214,8 @@ def evaluate_policy(model, tokenizer, task: ArithTask, cfg: PolicyEvalConfig) ->
         statuses.update(v.status.value for v in verdicts)
         gen_tokens += sum(len(text) + 1 for text, _ in resp)
         correct = [v.correct for v in verdicts]
-        answers = [v.extracted_answer for v in verdicts]
-        votes = Counter(a for a in answers if a is not None)
-        top = max(votes.values()) if votes else 0
         # Ties in the vote count as a fractional win, so the estimate is not order-dependent.
-        tied = [a for a, c in votes.items() if c == top]
-        maj = sum(a == inst.answer for a in tied) / len(tied) if tied else 0.0
+        maj = vote(task.answer_groups([(verdicts, inst.answer)])[0], correct)
         best = max(range(k), key=lambda j: resp[j][1])
         per_problem.append({
             "pass1": sum(correct) / k, "passk": float(any(correct)), "majority": maj,

@@ -66,6 +66,8 @@ class PRMScorer:
         self.cfg = from_dict(ServeConfig, config)
         torch.set_num_threads(self.cfg.torch_threads)
         self.prm = load_scorer_prm(self.cfg)
+        # vote_on log_ratio: the coefficient multiplies score / beta (an explicit PRM has no beta)
+        self._vote_scale = getattr(self.prm, "beta", 1.0) if self.cfg.vote_on == "log_ratio" else 1.0
         self.scorer = BatchScorer(self.prm, share_prompt=self.cfg.share_prompt,
                                   min_saving=self.cfg.share_prompt_min_saving)
         # The token travels as a hash, so it never shows in Serve's config or dashboard; a
@@ -136,7 +138,7 @@ class PRMScorer:
             "scores": scores,
             "best_index": max(range(len(scores)), key=scores.__getitem__),  # first of equal scores
             "answers": answers,
-            "vote": weighted_vote(answers, scores, req.vote_coef, req.weighted_vote),
+            "vote": weighted_vote(answers, scores, req.vote_coef / self._vote_scale, req.weighted_vote),
             "results": [as_dict(r, req.token_rewards) for r in results],
         }
 

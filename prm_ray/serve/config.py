@@ -68,7 +68,10 @@ class ServeConfig(Resources):
     share_prompt: bool = param(True, "run a shared prompt once and fan its KV cache out to its responses ...")
     share_prompt_min_saving: float = param(0.25, "... when that cuts the batch's padded tokens by this share "
                                                  "(docs/serving.md)")
-    vote_coef: float = param(0.001, "weighted vote: sigmoid(vote_coef x score), the paper's eval value")
+    vote_coef: float = param(0.001, "weighted vote: sigmoid(vote_coef x v), v per vote_on (the released eval: "
+                                    "0.001 on the log-ratio)")
+    vote_on: str = param("log_ratio", "what vote_coef multiplies: log_ratio (the score without beta, the released "
+                                      "eval) or score (as eval.vote_on)")
     autoscaling: AutoscalingConfig | None = param(None, "")
     host: str = param("127.0.0.1", "HTTP bind address (serve-config files set it in http_options)")
     port: int = param(8000, "HTTP port")
@@ -101,6 +104,8 @@ class ServeConfig(Resources):
             raise ConfigError(f"share_prompt_min_saving must be in [0, 1), got {self.share_prompt_min_saving}")
         if not (math.isfinite(self.vote_coef) and self.vote_coef > 0):
             raise ConfigError(f"vote_coef must be a finite number > 0, got {self.vote_coef}")
+        if self.vote_on not in ("log_ratio", "score"):
+            raise ConfigError(f"vote_on must be 'log_ratio' or 'score', got {self.vote_on!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):

@@ -15,7 +15,9 @@ The per-response numbers equal ``ImplicitPRM.score`` on the same (prompt, respon
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +41,34 @@ from prm_ray.artifacts import (
     write_json,
 )
 from prm_ray.config import ConfigError, param, save_config, to_dict
-from prm_ray.core.metrics import PROTOCOLS, evaluate_problems
+from prm_ray.core.metrics import PROTOCOLS, TIES, evaluate_problems
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
 from prm_ray.stages.tokenize import tokenize_dataset
 from prm_ray.tokens import TOKEN_NAMES
 
-__all__ = ["ROLLOUT_COLUMNS", "EvaluateConfig", "evaluate_prm", "metrics", "problems_from_scores",
-           "reference_logprobs", "score"]
+__all__ = ["PRESETS", "ROLLOUT_COLUMNS", "EvaluateConfig", "EvaluationJobConfig", "evaluate_prm", "metrics",
+           "problems_from_scores", "reference_logprobs", "run_evaluation", "score"]
+
+VOTE_ON = ("log_ratio", "score")
+
+PRESETS: dict[str, dict] = {
+    # The paper's released evaluation (PRIME-RL/ImplicitPRM eval/bon_eval.py, prm_eval_utils.py):
+    # "Step N:" steps, the minimum step reward, sigmoid(0.001 x log-ratio) votes, first-wins ties,
+    # the first N of the M samples. docs/evaluation.md, "The released protocol".
+    "release": {"step_split": "release", "aggregation": "min", "vote_coef": 0.001, "vote_on": "log_ratio",
+                "ties": "first", "protocol": "first"},
+}
 
 ROLLOUT_COLUMNS = ["instruction_id", "sample_index", "prompt", "response", "correct", "extracted_answer"]
+
+
+def _columns(path: str | Path) -> list[str]:
+    """:data:`ROLLOUT_COLUMNS`, plus ``answer_group`` where the data has it (rollouts made before
+    answer groups existed do not: their votes fall back to the raw answer strings)."""
+    names = pads.dataset(str(parquet_source(path)), format="parquet").schema.names
+    return ROLLOUT_COLUMNS + (["answer_group"] if "answer_group" in names else [])
 
 
 @dataclass
@@ -58,6 +77,9 @@ class EvaluateConfig(LogprobPassConfig):
 
     section: ClassVar[str] = "eval."
 
+    preset: str | None = param(None, "release: the released eval's step_split, aggregation, vote_coef, vote_on, ties "
+                                     "and protocol (fields left at their defaults take the preset's; a "
+                                     "conflicting one is refused) | null: the fields as given")
     aggregation: str = param("min", "the best-of-N score of a response: min (the paper), sum, last_q or mean "
                                     "of its step rewards")
     ns: list[int] | None = param(None, "the N of best-of-N and voting; null: 1, 2, 4, ... up to M (samples "
@@ -66,16 +88,38 @@ class EvaluateConfig(LogprobPassConfig):
                                    "random N-subsets")
     random_subsets: int = param(100, "subsets per N under protocol random")
     seed: int = param(0, "seed of the random subsets")
-    vote_coef: float = param(0.001, "weighted voting weighs an answer by sigmoid(vote_coef x score); the "
-                                    "paper's eval code uses 0.001, not the training beta")
+    vote_coef: float = param(0.001, "weighted voting weighs a response by sigmoid(vote_coef x v), v per vote_on; "
+                                    "the released eval: 0.001 on the log-ratio")
+    vote_on: str = param("log_ratio", "what vote_coef multiplies: log_ratio = the aggregated log-ratio without "
+                                      "beta (score / beta; the released eval, where 0.001 stands in for beta) | "
+                                      "score = the beta-scaled score")
+    ties: str = param("expected", "ties in best-of-N and voting: expected = the expected accuracy of a random "
+                                  "pick among the tied (order-free) | first = the first tied sample or answer "
+                                  "(the released eval)")
     use_reference: bool = param(True, "score with the reference model's log-probs; false: beta x log pi_phi "
                                       "only (paper Table 4, \"w/o ref\")")
 
     def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ConfigError(f"eval.preset must be one of {sorted(PRESETS)} or null, got {self.preset!r}")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                mine = getattr(self, name)
+                if mine != value and mine != defaults[name]:
+                    raise ConfigError(f"eval.{name} is {mine!r} but eval.preset {self.preset} sets {value!r}; "
+                                      f"drop one of them")
+                setattr(self, name, value)
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"eval.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.vote_on not in VOTE_ON:
+            raise ConfigError(f"eval.vote_on must be one of {VOTE_ON}, got {self.vote_on!r}")
+        if self.ties not in TIES:
+            raise ConfigError(f"eval.ties must be one of {TIES}, got {self.ties!r}")
+        if not (math.isfinite(self.vote_coef) and self.vote_coef > 0):
+            raise ConfigError(f"eval.vote_coef must be a finite number > 0, got {self.vote_coef}")
         if self.ns is not None and (not self.ns or min(self.ns) < 1):
             raise ConfigError(f"eval.ns must be positive integers, got {self.ns}")
         if self.random_subsets < 1:
@@ -96,10 +140,11 @@ def _source(path: str | Path, columns: list[str]) -> Path:
     return src
 
 
-def _read_tokenized(path: str | Path, columns: list[str], tokenizer: str, blocks: int) -> ray.data.Dataset:
+def _read_tokenized(path: str | Path, columns: list[str], tokenizer: str, blocks: int,
+                    step_split: str = "blank_line") -> ray.data.Dataset:
     """``columns`` of a dataset and its token columns for ``tokenizer`` (made once, then reused)."""
     _source(path, columns)  # a missing column is named before anything is tokenized
-    tokens, _ = tokenize_dataset(path, tokenizer)
+    tokens, _ = tokenize_dataset(path, tokenizer, step_split=step_split)
     src = _source(tokens, columns + list(TOKEN_NAMES))
     # Several blocks per replica: a single file is read as one block, which would feed a single
     # actor and idle the others (a held-out set is small enough for this to be cheap).
@@ -125,12 +170,15 @@ def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cf
     key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
     if cfg.backend != "hf":  # named only when not the default, so caches made before backends existed stay valid
         key["backend"] = cfg.backend
+    if cfg.step_split != "blank_line":  # the release split scores rewritten texts: other tokens
+        key["step_split"] = cfg.step_split
     info = read_json(out / REF_DONE)
     if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
         return {**info, "reused": True}
     init_ray()
     t0 = time.time()
-    ds = _model_pass(_read_tokenized(rollouts, ROLLOUT_COLUMNS, ref_model, 4 * cfg.replicas), ref_model,
+    ds = _model_pass(_read_tokenized(rollouts, _columns(rollouts), ref_model, 4 * cfg.replicas, cfg.step_split),
+                     ref_model,
                      "token_logp", cfg, "eval")
     ds.write_parquet(str(data_dir(out)))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data_dir(out).glob("*.parquet"))
@@ -144,22 +192,26 @@ def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta
     ``cfg.use_reference``) with the PRM at ``prm``; Parquet rows of
     :data:`prm_ray.stages.logprobs.SCORE_SCHEMA` in ``out``. Returns ``{"seconds", "rows"}``."""
     t0 = time.time()
-    cols = ROLLOUT_COLUMNS + (["ref_token_logp"] if cfg.use_reference else [])
-    ds = _model_pass(_read_tokenized(data, cols, prm, 4 * cfg.replicas), prm, "scores", cfg, "eval", beta=beta,
+    cols = _columns(data) + (["ref_token_logp"] if cfg.use_reference else [])
+    ds = _model_pass(_read_tokenized(data, cols, prm, 4 * cfg.replicas, cfg.step_split), prm, "scores", cfg, "eval",
+                     beta=beta,
                      use_reference=cfg.use_reference)
     ds.write_parquet(str(out))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(out).glob("*.parquet"))
     return {"seconds": time.time() - t0, "rows": rows}
 
 
-def problems_from_scores(scores: str | Path | pa.Table, aggregation: str = "min") -> list[dict]:
-    """Group scored responses by instruction (sorted by sample_index) for ``prm_ray.core.metrics``."""
+def problems_from_scores(scores: str | Path | pa.Table, aggregation: str = "min",
+                         votes: str = "answer_group") -> list[dict]:
+    """Group scored responses by instruction (sorted by sample_index) for ``prm_ray.core.metrics``;
+    a response's answer is its ``votes`` column: ``answer_group``, so that equivalent answers vote
+    together, or ``extracted_answer`` (raw strings) for rollouts made without groups."""
     table = scores if isinstance(scores, pa.Table) else pads.dataset(str(scores), format="parquet").to_table(
-        columns=["instruction_id", "sample_index", "correct", "extracted_answer", f"score_{aggregation}"])
+        columns=["instruction_id", "sample_index", "correct", votes, f"score_{aggregation}"])
     cols = table.to_pydict()
     by: dict[str, list] = defaultdict(list)
     for iid, j, c, a, s in zip(cols["instruction_id"], cols["sample_index"], cols["correct"],
-                               cols["extracted_answer"], cols[f"score_{aggregation}"]):
+                               cols[votes], cols[f"score_{aggregation}"]):
         by[iid].append((j, bool(c), a, float(s)))
     problems = []
     for iid in sorted(by):
@@ -172,9 +224,13 @@ def problems_from_scores(scores: str | Path | pa.Table, aggregation: str = "min"
     return problems
 
 
-def metrics(problems: list[dict], cfg: EvaluateConfig) -> dict[str, float]:
+def metrics(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dict[str, float]:
+    """Every metric of scored problems. ``beta``: what the scores are scaled by (an implicit PRM's
+    training beta; 1 for scores that are not a scaled log-ratio), so ``vote_on: log_ratio`` can
+    undo it."""
+    coef = cfg.vote_coef / beta if cfg.vote_on == "log_ratio" else cfg.vote_coef
     return evaluate_problems(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets,
-                             seed=cfg.seed, vote_coef=cfg.vote_coef)
+                             seed=cfg.seed, vote_coef=coef, ties=cfg.ties)
 
 
 def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfig, *,
@@ -200,11 +256,63 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
         return {**prev, "reused": True}
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
+    votes = "answer_group" if "answer_group" in _columns(data) else "extracted_answer"
+    if votes != "answer_group":
+        warnings.warn(f"{data} has no answer_group column (rollouts made before answer groups): votes count "
+              "raw answer strings, so equivalent spellings vote apart; re-run the rollouts to group them",
+                      stacklevel=2)
     scored = score(data, prm, out / "scores", cfg, beta)
-    problems = problems_from_scores(out / "scores", cfg.aggregation)
-    result = {"key": key, "metrics": metrics(problems, cfg), "problems": len(problems),
+    problems = problems_from_scores(out / "scores", cfg.aggregation, votes)
+    # An explicit PRM's score is a probability, not a beta-scaled log-ratio.
+    scale = 1.0 if card.get("kind") == "explicit" else beta
+    result = {"key": key, "metrics": metrics(problems, cfg, scale), "problems": len(problems),
               "samples_per_problem": len(problems[0]["correct"]), "score_seconds": scored["seconds"], "dtype": cfg.dtype,
+              "votes_by": votes,
               "responses": sum(len(p["correct"]) for p in problems)}
     save_config(cfg, out / EVAL_CONFIG)
     write_json(out / METRICS_FILE, result)
     return {**result, "reused": False}
+
+
+@dataclass(kw_only=True)
+class EvaluationJobConfig:
+    """Evaluate one PRM on held-out rollouts (``jobs/evaluate_prm.py``): the reference pass, then
+    the PRM pass and every metric. Any implicit PRM works, prm-ray's own or a released checkpoint."""
+
+    prm: str = param(dataclasses.MISSING, "the PRM: a jobs/train_prm.py output, or any causal-LM directory or "
+                                          "hub id (then say reference_model, and beta if not 0.05)")
+    data: str = param(dataclasses.MISSING, "held-out rollouts (a jobs/rollout.py --out), M samples per problem")
+    out: str = param("runs/eval", "output directory: ref-logprobs/ (reused across PRMs of the same data) and "
+                                  "eval/ (scores, metrics.json, eval_config.yaml)")
+    reference_model: str | None = param(None, "the implicit reward's reference; null: the PRM card's "
+                                              "reference_model (prm-ray PRMs)")
+    beta: float | None = param(None, "the PRM's beta; null: the card's, else 0.05 (best-of-N does not depend on it)")
+    eval: EvaluateConfig = param(factory=EvaluateConfig, help="")
+    overwrite: bool = param(False, "replace outputs made with other settings (else refused)")
+    ray_address: str | None = param(None, "null: RAY_ADDRESS, a running local cluster, or a new one")
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"beta must be a finite number > 0, got {self.beta}")
+
+
+def run_evaluation(cfg: EvaluationJobConfig) -> dict:
+    """The reference pass (when ``eval.use_reference``) and :func:`evaluate_prm`; returns the
+    evaluation's result with ``reference`` (the pass's info) added."""
+    card = read_prm_card(cfg.prm)
+    reference = cfg.reference_model or card.get("reference_model")
+    init_ray(cfg.ray_address)
+    out = Path(cfg.out)
+    data, ref_info = Path(cfg.data), None
+    if cfg.eval.use_reference:
+        if card.get("kind") == "explicit":
+            raise ConfigError(f"eval.use_reference is true but {cfg.prm} is an explicit PRM; set eval.use_reference false")
+        if reference is None:
+            raise ConfigError(f"reference_model: {cfg.prm} has no prm-ray card naming its reference; give "
+                              "--reference_model (or --eval.use_reference false for \"w/o ref\" scores)")
+        ref_info = reference_logprobs(data, reference, out / "ref-logprobs", cfg.eval.pass_config(),
+                                      overwrite=cfg.overwrite)
+        data = out / "ref-logprobs"
+    save_config(cfg, out / "config.yaml")
+    result = evaluate_prm(cfg.prm, data, out / "eval", cfg.eval, beta=cfg.beta, overwrite=cfg.overwrite)
+    return {**result, "reference": ref_info}

@@ -25,7 +25,7 @@ import torch
 
 from prm_ray.artifacts import read_prm_card
 from prm_ray.config import ConfigError, param
-from prm_ray.core.reward import AGGREGATIONS, response_logprobs, token_rewards
+from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS, response_logprobs, token_rewards
 from prm_ray.models import context_length, device_for, load_causal_lm, load_tokenizer
 from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM, assemble, load_prm
@@ -38,7 +38,7 @@ BACKENDS = ("hf", "vllm")
 
 SCORE_SCHEMA = pa.schema(
     [("instruction_id", pa.string()), ("sample_index", pa.int32()), ("correct", pa.bool_()),
-     ("extracted_answer", pa.string()), ("step_rewards", pa.list_(pa.float64())),
+     ("extracted_answer", pa.string()), ("answer_group", pa.string()), ("step_rewards", pa.list_(pa.float64())),
      ("q_values", pa.list_(pa.float64())), ("num_tokens", pa.int32())]
     + [(f"score_{a}", pa.float64()) for a in AGGREGATIONS])
 """One row per scored response (docs/evaluation.md)."""
@@ -62,12 +62,18 @@ class LogprobPassConfig(Resources):
                                "bf16, else float32), bfloat16, float32, float16 or float64")
     backend: str = param("hf", "hf: transformers in each actor | vllm: vLLM's prompt_logprobs, tensor parallel over "
                                "num_gpus GPUs (reference passes and implicit PRMs; docs/evaluation.md)")
+    step_split: str = param("blank_line", "steps of a scored response: blank_line = the raw response split on "
+                                          "blank lines | release = the released eval's: split on 'Step N:' markers, "
+                                          "rewritten 'Step k: ...' and joined by blank lines (docs/evaluation.md)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.section}{name} must be >= 1, got {getattr(self, name)}")
         check_dtype(self.dtype, f"{self.section}dtype")
+        if self.step_split not in STEP_SPLITS:
+            raise ConfigError(f"{self.section}step_split must be one of {', '.join(STEP_SPLITS)}, "
+                              f"got {self.step_split!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{self.section}backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "vllm" and self.num_gpus and self.num_gpus != int(self.num_gpus):
@@ -92,7 +98,7 @@ class LogprobPassConfig(Resources):
         """:class:`ModelPass`'s constructor arguments for a pass of ``model`` under this config."""
         return {"model": model, "output": output, "dtype": resolve_dtype(self.dtype, self.num_gpus),
                 "micro_batch_size": self.micro_batch_size, "threads": self.torch_threads, "num_gpus": self.num_gpus,
-                "backend": self.backend, **extra}
+                "backend": self.backend, "step_split": self.step_split, **extra}
 
 
 def check_backend(card: dict, prm: str, backend: str, section: str = "") -> None:
@@ -145,7 +151,7 @@ class ModelPass:
 
     def __init__(self, model: str, output: str, *, dtype: str = "float32", micro_batch_size: int = 32,
                  threads: int = 1, num_gpus: float = 0.0, beta: float | None = None, use_reference: bool = False,
-                 backend: str = "hf") -> None:
+                 backend: str = "hf", step_split: str = "blank_line") -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         torch.set_num_threads(threads)
@@ -158,16 +164,18 @@ class ModelPass:
             self.beta = float(beta if beta is not None else card.get("beta", 0.05))
             self.tokenizer = load_tokenizer(model)
             self.max_length, self.pad_id = context_length(model), pad_token_id(self.tokenizer)
-            self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length)
+            self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length,
+                                                   step_split=step_split)
             self.vllm = VLLMLogprobs(model, dtype, num_gpus, self.max_length)
         elif output == "scores":
-            self.prm = load_prm(model, beta=beta, reference=False, dtype=dtype, device=device)
+            self.prm = load_prm(model, beta=beta, reference=False, dtype=dtype, device=device, step_split=step_split)
             self.encode = lambda p, r: self.prm.encode(p, r)
         else:
             self.tokenizer = load_tokenizer(model)
             self.model = load_causal_lm(model, dtype, device)
             self.max_length, self.pad_id = max_context(self.model), pad_token_id(self.tokenizer)
-            self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length)
+            self.encode = lambda p, r: encode_pair(self.tokenizer, p, r, max_length=self.max_length,
+                                                   step_split=step_split)
 
     def _items(self, rows: dict) -> list[TokenizedItem]:
         if "input_ids" in rows:  # tokenized once per dataset (prm_ray.stages.tokenize)
@@ -254,6 +262,7 @@ class ModelPass:
         if self.output == "sequence_logp":
             return batch.append_column("ref_logp", pa.array(out, pa.float64()))
         cols = {c: rows[c] for c in ("instruction_id", "sample_index", "correct", "extracted_answer")}
+        cols["answer_group"] = rows.get("answer_group", [None] * n)  # absent in rollouts made before groups
         cols.update(step_rewards=[s.step_rewards for s in out], q_values=[s.q_values for s in out],
                     num_tokens=[s.num_tokens for s in out],
                     **{f"score_{a}": [s.scores[a] for s in out] for a in AGGREGATIONS})

@@ -59,6 +59,7 @@ SCHEMA = pa.schema([
     ("sample_index", pa.int32()),
     ("gold_answer", pa.string()),
     ("extracted_answer", pa.string()),  # null when the response gives no answer
+    ("answer_group", pa.string()),  # the vote key: equal for equivalent answers (Task.answer_groups)
     ("correct", pa.bool_()),
     ("verify_status", pa.string()),  # ok | no_answer | timeout | error
     ("num_tokens", pa.int32()),  # generated tokens, EOS included when produced
@@ -331,10 +332,22 @@ class Verifier:
         gold = dict(zip(shard["instruction_id"], shard["gold_answer"]))
         t0 = time.time()
         verdicts = self.task.verify_batch(shard["response"], [gold[i] for i in shard["sample_instruction_id"]])
+        # Each instruction's samples are in this shard: their answers are grouped together.
+        rows: dict[str, list[int]] = {}
+        for r, iid in enumerate(shard["sample_instruction_id"]):
+            rows.setdefault(iid, []).append(r)
+        timeouts = self.task.group_timeouts
+        keys = self.task.answer_groups([([verdicts[r] for r in rs], gold[iid]) for iid, rs in rows.items()])
+        groups: list[str | None] = [None] * len(verdicts)
+        for rs, ks in zip(rows.values(), keys):
+            for r, k in zip(rs, ks):
+                groups[r] = k
         shard["verify_seconds"] = time.time() - t0
+        shard["group_timeouts"] = self.task.group_timeouts - timeouts
         shard["correct"] = [v.correct for v in verdicts]
         shard["verify_status"] = [v.status.value for v in verdicts]
         shard["extracted_answer"] = [v.extracted_answer for v in verdicts]
+        shard["answer_group"] = groups
         return pa.Table.from_pylist([shard])
 
 
@@ -351,6 +364,7 @@ def write_shard(batch: pa.Table, out: str) -> pa.Table:
         "sample_index": shard["sample_index"],
         "gold_answer": [gold[i] for i in iids],
         "extracted_answer": shard["extracted_answer"],
+        "answer_group": shard["answer_group"],
         "correct": shard["correct"],
         "verify_status": shard["verify_status"],
         "num_tokens": shard["num_tokens"],
@@ -365,6 +379,7 @@ def write_shard(batch: pa.Table, out: str) -> pa.Table:
         "generated_tokens": sum(shard["num_tokens"]), "generate_seconds": shard["generate_seconds"],
         "engine_startup_seconds": shard["engine_startup_seconds"],
         "verify_seconds": shard["verify_seconds"], "engine_dtype": shard.get("engine_dtype", "unknown"),
+        "group_timeouts": shard["group_timeouts"],
     }])
 
 
@@ -447,6 +462,8 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type | None = None) -> dict:
         "wall_seconds": clock["wall_s"], "generate_seconds": gen_s, "cpu_seconds": clock["cpu_s"],
         "engine_startup_seconds": sum(s["engine_startup_seconds"] for s in stats),
         "verify_seconds": sum(s["verify_seconds"] for s in stats),
+        # answer comparisons that hit the verifier's deadline: those answers vote apart
+        "answer_group_timeouts": sum(s["group_timeouts"] for s in stats),
         "engine_dtypes": sorted({s["engine_dtype"] for s in stats}),  # "auto" resolved per actor
         "generated_tokens": sum(s["generated_tokens"] for s in stats),
         # Per engine busy-second; with several replicas the aggregate rate is higher.

@@ -66,10 +66,10 @@ def _tokenizer(path: str):
     return load_tokenizer(path)  # once per Ray worker process, not per batch
 
 
-def _encode_batch(batch: pa.Table, tokenizer: str) -> pa.Table:
+def _encode_batch(batch: pa.Table, tokenizer: str, step_split: str = "blank_line") -> pa.Table:
     names = [f"instruction {i!r} sample {j}" for i, j in zip(*(batch.column(c).to_pylist() for c in KEY_COLUMNS))]
     tokens = encode_table(_tokenizer(tokenizer), batch.column("prompt").to_pylist(),
-                          batch.column("response").to_pylist(), names=names)
+                          batch.column("response").to_pylist(), names=names, step_split=step_split)
     batch = batch.drop_columns([c for c in TOKEN_NAMES if c in batch.column_names])  # another tokenizer's
     for name in tokens.column_names:
         batch = batch.append_column(name, tokens.column(name))
@@ -81,14 +81,16 @@ IN_PROCESS_ROWS = 4096
 job's start-up would cost more than the work."""
 
 
-def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int = IN_PROCESS_ROWS) -> tuple[Path, dict]:
+def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int = IN_PROCESS_ROWS,
+                     step_split: str = "blank_line") -> tuple[Path, dict]:
     """Token columns of every response of ``data`` (a rollout or step-label directory), made once
     in a Ray Data pass (in this process up to ``in_process_rows`` rows: the same output) and kept
     in ``<data>/tokens-<key>/`` (beside a plain directory of Parquet files:
     ``<data>.tokens-<key>/``); returns (that directory, info).
 
     ``info``: ``rows``, ``seconds`` (of the pass that made them) and ``reused``. Ray must be
-    initialised by the caller.
+    initialised by the caller. ``step_split``: see :data:`prm_ray.core.reward.STEP_SPLITS` (the
+    ``release`` split tokenizes rewritten responses, so it has its own cache).
     """
     data = Path(data)
     if not data.exists():
@@ -96,6 +98,8 @@ def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int =
     key = {"data": fingerprint(data) if data_dir(data).is_dir() else str(data.resolve()),
            "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": True, "append_eos": True,
            "separator": "\n\n", "fields": list(TOKEN_NAMES), "layout": "rows+tokens"}
+    if step_split != "blank_line":  # named only when not the default: earlier caches stay valid
+        key["step_split"] = step_split
     name = f"tokens-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
     # Beside the data: inside a dataset directory laid out as <data>/data/, else next to the
     # directory (inside it, a reader of the directory would read the tokens as rows too).
@@ -113,11 +117,12 @@ def tokenize_dataset(data: str | Path, tokenizer: str, *, in_process_rows: int =
     if rows <= in_process_rows:
         data_dir(out).mkdir(parents=True)
         table = dataset.to_table()
-        write_parquet_atomic(_encode_batch(table, tokenizer), data_dir(out) / "part-00000.parquet")
+        write_parquet_atomic(_encode_batch(table, tokenizer, step_split), data_dir(out) / "part-00000.parquet")
     else:
         # One read task per file (a rollout job writes many shards), batches of 2k rows each.
         ds = ray.data.read_parquet(str(src), file_extensions=["parquet"])
-        ds = ds.map_batches(_encode_batch, fn_kwargs={"tokenizer": tokenizer}, batch_format="pyarrow",
+        ds = ds.map_batches(_encode_batch, fn_kwargs={"tokenizer": tokenizer, "step_split": step_split},
+                            batch_format="pyarrow",
                             batch_size=2048)
         ds.write_parquet(str(data_dir(out)))
     info = {"rows": rows, "seconds": time.time() - t0}

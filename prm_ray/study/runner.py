@@ -147,11 +147,15 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log) -
 
 def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: str, params: int,
                     log: Log) -> tuple[Path, StageRecord]:
-    """Per-token reference log-probs of a rollout set, computed once and read by every PRM."""
+    """Per-token reference log-probs of a rollout set, computed once and read by every PRM. The
+    test set's follow eval.step_split (the release split scores rewritten texts); the training
+    set's are of the raw responses, which training scores."""
     reference = cfg.reference_model or cfg.policy
-    out = reference_dir(cfg, rollouts.path, dtype)
+    split = cfg.eval.step_split if label == "test" else "blank_line"
+    out = reference_dir(cfg, rollouts.path, dtype, split)
     log(f"reference log-probs of the {label} responses -> {out}")
-    info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype))
+    info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype,
+                                                                     step_split=split))
     record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],
                          flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total))
     if label == "train":
@@ -161,14 +165,14 @@ def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: s
 
 def _zero_scores(test_data: Path) -> pa.Table:
     """The test rollouts as a score table with all-zero scores (voting/pass@k ignore the score)."""
-    t = load_rollouts(test_data, columns=["instruction_id", "sample_index", "correct", "extracted_answer"])
+    t = load_rollouts(test_data, columns=["instruction_id", "sample_index", "correct", "answer_group"])
     return t.append_column("score_min", pa.array([0.0] * t.num_rows, pa.float64()))
 
 
 def _likelihood_scores(ref_data: Path) -> pa.Table:
     """Test responses scored by the reference policy's log-likelihood (sum over response tokens)."""
     t = pads.dataset(str(data_dir(ref_data)), format="parquet").to_table(
-        columns=["instruction_id", "sample_index", "correct", "extracted_answer", "ref_token_logp"])
+        columns=["instruction_id", "sample_index", "correct", "answer_group", "ref_token_logp"])
     sums = [float(sum(v)) for v in t.column("ref_token_logp").to_pylist()]
     return t.drop_columns(["ref_token_logp"]).append_column("score_min", pa.array(sums, pa.float64()))
 

@@ -152,9 +152,10 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
     return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(key)}"
 
 
-def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str) -> Path:
+def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str, step_split: str = "blank_line") -> Path:
     """Where a study keeps the per-token reference log-probs of a rollout set (beside it)."""
-    return Path(rollouts) / f"ref-logprobs-{stage_hash([cfg.reference_model or cfg.policy, dtype])}"
+    key = [cfg.reference_model or cfg.policy, dtype] + ([step_split] if step_split != "blank_line" else [])
+    return Path(rollouts) / f"ref-logprobs-{stage_hash(key)}"
 
 
 def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None) -> TrainConfig:

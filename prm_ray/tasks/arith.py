@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prm_ray.config import param
@@ -188,6 +188,13 @@ class ArithTask(Task):
     def extract_answer(self, response: str) -> str | None:
         boxed = last_boxed(response)
         return boxed.strip() if boxed is not None else None
+
+    def answer_groups(self, problems: Sequence[tuple[Sequence[Verdict], str]]) -> list[list[str | None]]:
+        """Integers vote as integers ("09" with "9"); anything else as its exact string."""
+        def key(a: str | None) -> str | None:
+            return str(int(a)) if a is not None and _INT.match(a) else a
+
+        return [[key(v.extracted_answer) for v in verdicts] for verdicts, _ in problems]
 
     def verify(self, response: str, gold: str) -> Verdict:
         extracted = self.extract_answer(response)

@@ -58,6 +58,7 @@ class Task(abc.ABC):
     """An instruction source plus answer extraction plus verification."""
 
     name: str = "task"
+    group_timeouts: int = 0  # answer comparisons in answer_groups that hit a deadline (so far)
 
     @abc.abstractmethod
     def instructions(self, split: str, limit: int | None = None) -> Iterator[Instruction]:
@@ -80,6 +81,12 @@ class Task(abc.ABC):
     def format_instruction(self, instruction: Instruction) -> str:
         """The user-turn text the policy sees (before its chat template)."""
         return instruction.prompt
+
+    def answer_groups(self, problems: Sequence[tuple[Sequence[Verdict], str]]) -> list[list[str | None]]:
+        """For each problem (its samples' verdicts and its gold answer), the key each sample votes
+        under: samples with equal keys gave the same answer, None gives no vote. Majority and
+        weighted voting count keys, not spellings. Default: the extracted answer string itself."""
+        return [[v.extracted_answer for v in verdicts] for verdicts, _ in problems]
 
 
 def last_boxed(text: str) -> str | None:

@@ -106,6 +106,12 @@ def verify_answer(gold: str, pred: str) -> tuple[bool, str]:
     return False, ""
 
 
+def equivalent_answers(a: str, b: str) -> tuple[bool, str]:
+    """Whether two extracted answers are the same math (`a` read like a gold answer): the
+    comparison :meth:`MathTask.answer_groups` merges vote groups with. Raises when `a` is not math."""
+    return verify_answer(a, b)
+
+
 # ---- driver side --------------------------------------------------------------------------------
 
 def _normalise(answer: str) -> str:
@@ -200,6 +206,7 @@ class MathTask(Task):
         self.memory_limit_mb = memory_limit_mb
         # (location, reason) of every row left out under on_bad_row="skip"
         self.skipped_rows: list[tuple[str, str]] = []
+        self.group_timeouts = 0  # answer comparisons of answer_groups that hit the deadline
         self._pool: DeadlinePool | None = None
         self._pool_lock = threading.Lock()  # two threads' first verify must not start two pools
         self._instructions = self._load()
@@ -295,6 +302,47 @@ class MathTask(Task):
                 for i in rows:
                     verdicts[i] = self._verdict(res, pred)
         return verdicts  # type: ignore[return-value]  # every slot is filled
+
+    def answer_groups(self, problems: Sequence[tuple[Sequence[Verdict], str]]) -> list[list[str | None]]:
+        """Vote keys by answer equivalence, not spelling (``\\frac12``, ``0.5``, ``\\dfrac{1}{2}``
+        vote together). A correct answer votes as the gold answer (the released eval maps correct
+        answers to the gold too); the other answers, after whitespace and ``$`` normalisation, are
+        compared pairwise with math-verify under the verification deadline and merged when equal
+        (transitively: union-find), each group keyed by its first-seen member. A comparison that
+        times out or raises (an answer that is not math) leaves the two apart; timeouts are counted
+        in :attr:`group_timeouts`."""
+        keys: list[list[str | None]] = []
+        pairs: list[tuple[int, int, int]] = []  # (problem, i, j): distinct keys to compare
+        distinct: list[list[str]] = []
+        for p, (verdicts, gold) in enumerate(problems):
+            row = [None if v.extracted_answer is None else gold if v.correct else _normalise(v.extracted_answer)
+                   for v in verdicts]
+            keys.append(row)
+            wrong = list(dict.fromkeys(k for k, v in zip(row, verdicts) if k is not None and not v.correct))
+            distinct.append(wrong)
+            pairs += [(p, i, j) for i in range(len(wrong)) for j in range(i + 1, len(wrong))]
+        if not pairs:
+            return keys
+        results = self.pool.map(equivalent_answers, [(distinct[p][i], distinct[p][j]) for p, i, j in pairs],
+                                self.timeout_s)
+        parent = {(p, i): (p, i) for p, i, _ in pairs} | {(p, j): (p, j) for p, _, j in pairs}
+
+        def root(x):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        for (p, i, j), res in zip(pairs, results):
+            if res.status is JobStatus.TIMEOUT:
+                self.group_timeouts += 1
+            elif res.status is JobStatus.OK and res.value[0]:
+                a, b = root((p, i)), root((p, j))
+                parent[max(a, b)] = min(a, b)  # the earlier-seen answer names the group
+        for p, row in enumerate(keys):
+            index = {k: i for i, k in enumerate(distinct[p])}
+            rename = {k: distinct[p][root((p, i))[1]] for k, i in index.items() if (p, i) in parent}
+            keys[p] = [rename.get(k, k) if k is not None and k in index else k for k in row]
+        return keys
 
     def _verdict(self, res: JobResult, pred: str) -> Verdict:
         if res.status is JobStatus.OK:
