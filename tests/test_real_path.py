@@ -20,7 +20,8 @@ from prm_ray.artifacts import load_rollouts
 from prm_ray.policy.standin import EOT, GENERATION_PROMPT, build_standin
 from prm_ray.resources import Resources
 from prm_ray.scoring import ImplicitPRM
-from prm_ray.stages.evaluate import EvaluateConfig, EvaluationJobConfig, run_evaluation
+from prm_ray.stages.evaluate import EvaluateConfig, EvaluationJobConfig, reference_logprobs, run_evaluation
+from prm_ray.stages.logprobs import LogprobPassConfig
 from prm_ray.stages.rollout import RolloutConfig, SamplingConfig, run_rollouts
 from prm_ray.stages.shepherd import ShepherdConfig, run_shepherd
 from prm_ray.stages.train import TrainConfig, train_prm
@@ -108,13 +109,27 @@ def test_bpe_tokens_and_steps_line_up_and_the_eot_closes_the_last_step(rollouts,
             assert bounds[step] <= b - 1 < bounds[step + 1]
 
 
+EVAL = EvaluateConfig(replicas=1, batch_size=16, micro_batch_size=8, dtype="float32")
+
+
 @pytest.fixture(scope="module")
-def prms(rollouts, standin, tmp_path_factory):
+def eval_out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval")
+
+
+@pytest.fixture(scope="module")
+def prms(rollouts, standin, eval_out, tmp_path_factory):
+    # The reference log-probs where jobs/evaluate_prm.py keeps them: CE training reads them as its
+    # cache (as a study does), and the evaluation below reuses them.
+    ref = reference_logprobs(rollouts[0], standin[0], eval_out / "ref-logprobs", EVAL.pass_config())
+    assert not ref["reused"]
     out = {}
     for objective, reference in (("ce", True), ("dpo", False)):  # DPO "w/o ref" saves a reference pass
         cfg = TrainConfig(data=str(rollouts[0]), model=standin[0], out=str(tmp_path_factory.mktemp(f"prm_{objective}")),
                           beta=BETA, lr=1e-3, epochs=1, global_batch_size=8, micro_batch_size=4, warmup_ratio=0.0,
-                          workers=Resources(replicas=1, num_cpus=0.5), checkpoint_every=1000, use_reference=reference)
+                          workers=Resources(replicas=1, num_cpus=0.5), checkpoint_every=1000, use_reference=reference,
+                          ref_cache=str(eval_out / "ref-logprobs") if reference else None,
+                          ref_pass=LogprobPassConfig(replicas=1, dtype="float32"))
         cfg.dataset.objective = objective
         cfg.dataset.__post_init__()
         out[objective] = (cfg.out, train_prm(cfg))
@@ -131,15 +146,15 @@ def test_ce_and_dpo_train_on_the_bpe_rollouts(prms):
 
 
 @pytest.fixture(scope="module")
-def evaluation(prms, rollouts, standin, tmp_path_factory):
-    cfg = EvaluationJobConfig(prm=prms["ce"][0], data=str(rollouts[0]), out=str(tmp_path_factory.mktemp("eval")),
-                              eval=EvaluateConfig(replicas=1, batch_size=16, micro_batch_size=8, dtype="float32"))
+def evaluation(prms, rollouts, eval_out):
+    cfg = EvaluationJobConfig(prm=prms["ce"][0], data=str(rollouts[0]), out=str(eval_out), eval=EVAL)
     return cfg, run_evaluation(cfg)
 
 
 def test_evaluation_scores_as_in_process_and_votes_by_answer_group(evaluation, rollouts, standin):
     cfg, result = evaluation
     assert result["votes_by"] == "answer_group" and result["reference"]["rows"] == result["responses"]
+    assert result["reference"]["reused"]  # made before training, read by CE training and by this
     m = result["metrics"]
     assert result["samples_per_problem"] == 8 and {"pass@1", "pass@1_first", "bon@8", "weighted_mv@8",
                                                    "majority@8"} <= set(m)
