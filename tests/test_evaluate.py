@@ -171,7 +171,6 @@ def test_the_release_preset_pins_the_released_eval_s_settings():
     cfg = EvaluateConfig(preset="release")
     assert (cfg.step_split, cfg.aggregation, cfg.vote_coef, cfg.vote_on, cfg.ties, cfg.protocol) == (
         "release", "min", 0.001, "log_ratio", "first", "first")
-    assert cfg.pass_config().step_split == "release"  # the reference pass tokenizes the same texts
     assert EvaluateConfig(preset="release", ns=[4], replicas=1).ns == [4]  # other fields stay free
     with pytest.raises(ConfigError, match="eval.aggregation is 'sum' but eval.preset release"):
         EvaluateConfig(preset="release", aggregation="sum")
@@ -182,12 +181,14 @@ def test_the_release_preset_pins_the_released_eval_s_settings():
     assert from_dict(EvaluateConfig, to_dict(cfg)) == cfg  # a saved config loads back
 
 
-def test_release_steps_score_as_in_process(rollouts, tiny_prm_path, ray_session, tmp_path):
-    cfg = EvaluateConfig(preset="release", use_reference=False, batch_size=6, micro_batch_size=4, replicas=1,
-                         dtype="float32")
-    res = evaluate_prm(tiny_prm_path, rollouts, tmp_path / "eval", cfg, beta=0.3)
+def test_release_steps_score_as_in_process(rollouts, tiny_prm_path, tiny_policy_path, ray_session, tmp_path):
+    """The reference pass and the PRM pass both tokenize the rewritten texts."""
+    cfg = EvaluateConfig(preset="release", batch_size=6, micro_batch_size=4, replicas=1, dtype="float32")
+    ref = reference_logprobs(rollouts, tiny_policy_path, tmp_path / "ref", cfg.pass_config(), step_split="release")
+    assert ref["key"]["step_split"] == "release"
+    res = evaluate_prm(tiny_prm_path, tmp_path / "ref", tmp_path / "eval", cfg, beta=0.3)
     src = pq.read_table(rollouts / "data").to_pydict()
-    prm = ImplicitPRM.from_pretrained(tiny_prm_path, beta=0.3, step_split="release")
+    prm = ImplicitPRM.from_pretrained(tiny_prm_path, ref_path=tiny_policy_path, beta=0.3, step_split="release")
     want = prm.score(src["prompt"], src["response"], aggregation="min")
     got = {(r["instruction_id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
     for i, w in enumerate(want):

@@ -42,7 +42,7 @@ from prm_ray.artifacts import (
 )
 from prm_ray.config import ConfigError, param, save_config, to_dict
 from prm_ray.core.metrics import PROTOCOLS, TIES, evaluate_problems
-from prm_ray.core.reward import AGGREGATIONS
+from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
 from prm_ray.stages.tokenize import tokenize_dataset
@@ -81,11 +81,15 @@ class EvaluateConfig(LogprobPassConfig):
                                      "and protocol (fields left at their defaults take the preset's; a "
                                      "conflicting one is refused) | null: the fields as given")
     aggregation: str = param("min", "the best-of-N score of a response: min (the paper), sum, last_q or mean "
-                                    "of its step rewards")
+                                    "of its step rewards, or min_q / sum_q of its q-values (the released eval's "
+                                    "accumulative modes)")
     ns: list[int] | None = param(None, "the N of best-of-N and voting; null: 1, 2, 4, ... up to M (samples "
                                        "per problem)")
     protocol: str = param("first", "first: the first N of M samples (the paper) | random: the mean over "
                                    "random N-subsets")
+    step_split: str = param("blank_line", "steps of a scored response: blank_line = the raw response split on "
+                                          "blank lines | release = the released eval's: split on 'Step N:' markers, "
+                                          "rewritten 'Step k: ...' and joined by blank lines (docs/evaluation.md)")
     random_subsets: int = param(100, "subsets per N under protocol random")
     seed: int = param(0, "seed of the random subsets")
     vote_coef: float = param(0.001, "weighted voting weighs a response by sigmoid(vote_coef x v), v per vote_on; "
@@ -114,6 +118,8 @@ class EvaluateConfig(LogprobPassConfig):
             raise ConfigError(f"eval.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.step_split not in STEP_SPLITS:
+            raise ConfigError(f"eval.step_split must be one of {STEP_SPLITS}, got {self.step_split!r}")
         if self.vote_on not in VOTE_ON:
             raise ConfigError(f"eval.vote_on must be one of {VOTE_ON}, got {self.vote_on!r}")
         if self.ties not in TIES:
@@ -159,27 +165,27 @@ def _model_pass(ds: ray.data.Dataset, model: str, output: str, cfg: LogprobPassC
 
 
 def reference_logprobs(rollouts: str | Path, ref_model: str, out: str | Path, cfg: LogprobPassConfig, *,
-                       overwrite: bool = False) -> dict:
+                       step_split: str = "blank_line", overwrite: bool = False) -> dict:
     """Write the rollouts plus per-token reference log-probs (``ref_token_logp``) to ``out``.
 
     A finished pass over the same rollouts, model and dtype is reused; one made with other
-    settings is refused (``overwrite`` replaces it).
+    settings is refused (``overwrite`` replaces it). ``step_split`` must be the scoring's
+    (:attr:`EvaluateConfig.step_split`): the ``release`` split scores rewritten texts.
     """
     out = Path(out)
     cfg = cfg.resolved()
     key = {"rollouts": str(Path(rollouts).resolve()), "ref_model": str(ref_model), "dtype": cfg.dtype}
     if cfg.backend != "hf":  # named only when not the default, so caches made before backends existed stay valid
         key["backend"] = cfg.backend
-    if cfg.step_split != "blank_line":  # the release split scores rewritten texts: other tokens
-        key["step_split"] = cfg.step_split
+    if step_split != "blank_line":  # the release split scores rewritten texts: other tokens
+        key["step_split"] = step_split
     info = read_json(out / REF_DONE)
     if info is not None and check_settings(out, info["key"], key, what="reference log-probs", overwrite=overwrite):
         return {**info, "reused": True}
     init_ray()
     t0 = time.time()
-    ds = _model_pass(_read_tokenized(rollouts, _columns(rollouts), ref_model, 4 * cfg.replicas, cfg.step_split),
-                     ref_model,
-                     "token_logp", cfg, "eval")
+    ds = _model_pass(_read_tokenized(rollouts, _columns(rollouts), ref_model, 4 * cfg.replicas, step_split),
+                     ref_model, "token_logp", cfg, "eval", step_split=step_split)
     ds.write_parquet(str(data_dir(out)))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data_dir(out).glob("*.parquet"))
     info = {"key": key, "rows": rows, "seconds": time.time() - t0}
@@ -194,8 +200,7 @@ def score(data: str | Path, prm: str, out: str | Path, cfg: EvaluateConfig, beta
     t0 = time.time()
     cols = _columns(data) + (["ref_token_logp"] if cfg.use_reference else [])
     ds = _model_pass(_read_tokenized(data, cols, prm, 4 * cfg.replicas, cfg.step_split), prm, "scores", cfg, "eval",
-                     beta=beta,
-                     use_reference=cfg.use_reference)
+                     beta=beta, use_reference=cfg.use_reference, step_split=cfg.step_split)
     ds.write_parquet(str(out))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(out).glob("*.parquet"))
     return {"seconds": time.time() - t0, "rows": rows}
@@ -233,6 +238,14 @@ def metrics(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dic
                              seed=cfg.seed, vote_coef=coef, ties=cfg.ties)
 
 
+def _check_prm(card: dict, prm: str, cfg: EvaluateConfig) -> None:
+    """Refuse what this PRM cannot be scored with, naming the field, before any pass runs."""
+    check_backend(card, prm, cfg.backend, "eval.")
+    if card.get("kind") == "explicit" and cfg.use_reference:
+        raise ConfigError(f"eval.use_reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
+                          "which has no reference model; set eval.use_reference false")
+
+
 def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfig, *,
                  beta: float | None = None, overwrite: bool = False) -> dict:
     """Score ``data`` with the PRM at ``prm`` and compute every metric; writes ``<out>/metrics.json``
@@ -246,10 +259,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     cfg = cfg.resolved()
     card = read_prm_card(prm)
     beta = float(beta if beta is not None else card.get("beta", 0.05))
-    check_backend(card, prm, cfg.backend, "eval.")  # here, not deep in an actor
-    if card.get("kind") == "explicit" and cfg.use_reference:
-        raise ConfigError(f"eval.use_reference is true but {prm} is an explicit PRM ({card.get('objective')}), "
-                          "which has no reference model; set eval.use_reference false")
+    _check_prm(card, prm, cfg)
     key = {"prm": str(Path(prm).resolve()), "data": str(Path(data).resolve()), "beta": beta, "config": to_dict(cfg)}
     prev = read_json(out / METRICS_FILE)
     if prev is not None and check_settings(out, prev["key"], key, what="an evaluation", overwrite=overwrite):
@@ -259,7 +269,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
     votes = "answer_group" if "answer_group" in _columns(data) else "extracted_answer"
     if votes != "answer_group":
         warnings.warn(f"{data} has no answer_group column (rollouts made before answer groups): votes count "
-              "raw answer strings, so equivalent spellings vote apart; re-run the rollouts to group them",
+                      "raw answer strings, so equivalent spellings vote apart; re-run the rollouts to group them",
                       stacklevel=2)
     scored = score(data, prm, out / "scores", cfg, beta)
     problems = problems_from_scores(out / "scores", cfg.aggregation, votes)
@@ -286,7 +296,8 @@ class EvaluationJobConfig:
                                   "eval/ (scores, metrics.json, eval_config.yaml)")
     reference_model: str | None = param(None, "the implicit reward's reference; null: the PRM card's "
                                               "reference_model (prm-ray PRMs)")
-    beta: float | None = param(None, "the PRM's beta; null: the card's, else 0.05 (best-of-N does not depend on it)")
+    beta: float | None = param(None, "the PRM's beta; null: the card's, else 0.05 (best-of-N does not depend on it; "
+                                     "eval.vote_on log_ratio divides scores by it)")
     eval: EvaluateConfig = param(factory=EvaluateConfig, help="")
     overwrite: bool = param(False, "replace outputs made with other settings (else refused)")
     ray_address: str | None = param(None, "null: RAY_ADDRESS, a running local cluster, or a new one")
@@ -304,14 +315,13 @@ def run_evaluation(cfg: EvaluationJobConfig) -> dict:
     init_ray(cfg.ray_address)
     out = Path(cfg.out)
     data, ref_info = Path(cfg.data), None
+    _check_prm(card, cfg.prm, cfg.eval)
     if cfg.eval.use_reference:
-        if card.get("kind") == "explicit":
-            raise ConfigError(f"eval.use_reference is true but {cfg.prm} is an explicit PRM; set eval.use_reference false")
         if reference is None:
             raise ConfigError(f"reference_model: {cfg.prm} has no prm-ray card naming its reference; give "
                               "--reference_model (or --eval.use_reference false for \"w/o ref\" scores)")
         ref_info = reference_logprobs(data, reference, out / "ref-logprobs", cfg.eval.pass_config(),
-                                      overwrite=cfg.overwrite)
+                                      step_split=cfg.eval.step_split, overwrite=cfg.overwrite)
         data = out / "ref-logprobs"
     save_config(cfg, out / "config.yaml")
     result = evaluate_prm(cfg.prm, data, out / "eval", cfg.eval, beta=cfg.beta, overwrite=cfg.overwrite)

@@ -25,7 +25,7 @@ import torch
 
 from prm_ray.artifacts import read_prm_card
 from prm_ray.config import ConfigError, param
-from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS, response_logprobs, token_rewards
+from prm_ray.core.reward import AGGREGATIONS, response_logprobs, token_rewards
 from prm_ray.models import context_length, device_for, load_causal_lm, load_tokenizer
 from prm_ray.resources import Resources, check_dtype, resolve_dtype
 from prm_ray.scoring import ImplicitPRM, assemble, load_prm
@@ -62,18 +62,12 @@ class LogprobPassConfig(Resources):
                                "bf16, else float32), bfloat16, float32, float16 or float64")
     backend: str = param("hf", "hf: transformers in each actor | vllm: vLLM's prompt_logprobs, tensor parallel over "
                                "num_gpus GPUs (reference passes and implicit PRMs; docs/evaluation.md)")
-    step_split: str = param("blank_line", "steps of a scored response: blank_line = the raw response split on "
-                                          "blank lines | release = the released eval's: split on 'Step N:' markers, "
-                                          "rewritten 'Step k: ...' and joined by blank lines (docs/evaluation.md)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.section}{name} must be >= 1, got {getattr(self, name)}")
         check_dtype(self.dtype, f"{self.section}dtype")
-        if self.step_split not in STEP_SPLITS:
-            raise ConfigError(f"{self.section}step_split must be one of {', '.join(STEP_SPLITS)}, "
-                              f"got {self.step_split!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{self.section}backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "vllm" and self.num_gpus and self.num_gpus != int(self.num_gpus):
@@ -98,7 +92,7 @@ class LogprobPassConfig(Resources):
         """:class:`ModelPass`'s constructor arguments for a pass of ``model`` under this config."""
         return {"model": model, "output": output, "dtype": resolve_dtype(self.dtype, self.num_gpus),
                 "micro_batch_size": self.micro_batch_size, "threads": self.torch_threads, "num_gpus": self.num_gpus,
-                "backend": self.backend, "step_split": self.step_split, **extra}
+                "backend": self.backend, **extra}
 
 
 def check_backend(card: dict, prm: str, backend: str, section: str = "") -> None:

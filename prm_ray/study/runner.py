@@ -154,8 +154,8 @@ def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: s
     split = cfg.eval.step_split if label == "test" else "blank_line"
     out = reference_dir(cfg, rollouts.path, dtype, split)
     log(f"reference log-probs of the {label} responses -> {out}")
-    info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype,
-                                                                     step_split=split))
+    info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype),
+                              step_split=split)
     record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],
                          flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total))
     if label == "train":

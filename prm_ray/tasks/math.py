@@ -106,12 +106,6 @@ def verify_answer(gold: str, pred: str) -> tuple[bool, str]:
     return False, ""
 
 
-def equivalent_answers(a: str, b: str) -> tuple[bool, str]:
-    """Whether two extracted answers are the same math (`a` read like a gold answer): the
-    comparison :meth:`MathTask.answer_groups` merges vote groups with. Raises when `a` is not math."""
-    return verify_answer(a, b)
-
-
 # ---- driver side --------------------------------------------------------------------------------
 
 def _normalise(answer: str) -> str:
@@ -323,9 +317,10 @@ class MathTask(Task):
             pairs += [(p, i, j) for i in range(len(wrong)) for j in range(i + 1, len(wrong))]
         if not pairs:
             return keys
-        results = self.pool.map(equivalent_answers, [(distinct[p][i], distinct[p][j]) for p, i, j in pairs],
+        # The earlier answer is read like a gold answer (raises when it is not math: kept apart).
+        results = self.pool.map(verify_answer, [(distinct[p][i], distinct[p][j]) for p, i, j in pairs],
                                 self.timeout_s)
-        parent = {(p, i): (p, i) for p, i, _ in pairs} | {(p, j): (p, j) for p, _, j in pairs}
+        parent = {(p, i): (p, i) for p, d in enumerate(distinct) for i in range(len(d))}
 
         def root(x):
             while parent[x] != x:
@@ -339,9 +334,8 @@ class MathTask(Task):
                 a, b = root((p, i)), root((p, j))
                 parent[max(a, b)] = min(a, b)  # the earlier-seen answer names the group
         for p, row in enumerate(keys):
-            index = {k: i for i, k in enumerate(distinct[p])}
-            rename = {k: distinct[p][root((p, i))[1]] for k, i in index.items() if (p, i) in parent}
-            keys[p] = [rename.get(k, k) if k is not None and k in index else k for k in row]
+            name = {k: distinct[p][root((p, i))[1]] for i, k in enumerate(distinct[p])}
+            keys[p] = [name.get(k, k) for k in row]  # None and the gold stay as they are
         return keys
 
     def _verdict(self, res: JobResult, pred: str) -> Verdict:
