@@ -205,3 +205,22 @@ def test_the_serve_endpoint_scores_the_bpe_prm(prms, rollouts, standin, serve_in
         assert got["score"] == pytest.approx(want.score, abs=1e-5)
     finally:
         serve.delete(cfg.name)
+
+
+def test_the_release_protocol_on_bpe_steps(prms, rollouts, standin, tok, tmp_path):
+    """--eval.preset release on the stand-in's "Step N:" responses: the rewritten texts' BPE tokens
+    score as in process, each step ending with its blank line and the last with <|eot_id|>."""
+    cfg = EvaluationJobConfig(prm=prms["dpo"][0], data=str(rollouts[0]), out=str(tmp_path),
+                              eval=EvaluateConfig(preset="release", use_reference=False, replicas=1, batch_size=16,
+                                                  micro_batch_size=8, dtype="float32"))
+    result = run_evaluation(cfg)
+    assert result["reference"] is None and {"pass@1_first", "bon@8"} <= set(result["metrics"])
+    rows = load_rollouts(rollouts[0]).to_pylist()[:6]
+    prm = ImplicitPRM.from_pretrained(prms["dpo"][0], beta=BETA, step_split="release")
+    want = prm.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    got = {(s["instruction_id"], s["sample_index"]): s for s in pq.read_table(tmp_path / "eval" / "scores").to_pylist()}
+    for r, w in zip(rows, want):
+        assert got[(r["instruction_id"], r["sample_index"])]["step_rewards"] == pytest.approx(w.step_rewards, abs=1e-5)
+        item = encode_pair(tok, r["prompt"], r["response"], step_split="release")
+        assert all(s.startswith(f"Step {k + 1}: ") for k, s in enumerate(item.steps)) or not r["response"].strip()
+        assert all(s.endswith("\n\n") for s in item.steps[:-1]) and item.input_ids[-1] == tok.eos_token_id
