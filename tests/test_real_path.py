@@ -193,7 +193,7 @@ def test_the_serve_endpoint_scores_the_bpe_prm(prms, rollouts, standin, serve_in
     from prm_ray.serve import ServeConfig, build_app
 
     cfg = ServeConfig(prm=prms["dpo"][0], reference_model=standin[0], name="prm-real-path", num_cpus=0.5,
-                      dtype="float32", max_batch_size=8)
+                      dtype="float32", max_batch_size=8, vote_groups="math")
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/real")
     try:
         r = load_rollouts(rollouts[0]).to_pylist()[0]
@@ -203,6 +203,11 @@ def test_the_serve_endpoint_scores_the_bpe_prm(prms, rollouts, standin, serve_in
             [r["prompt"]], [r["response"]])[0]
         assert got["steps"] == want.steps and got["num_tokens"] == want.num_tokens
         assert got["score"] == pytest.approx(want.score, abs=1e-5)
+        # vote_groups math: 0.5 and \frac12 are one answer in /rerank's vote, which outweighs 3.
+        spelled = [f"Step 1: Halve it.\n\nStep 2: The answer is \\boxed{{{a}}}." for a in ("3", "0.5", "\\frac12")]
+        with httpx.Client(base_url=serve_instance, timeout=60) as c:
+            vote = c.post("/real/rerank", json={"prompt": r["prompt"], "responses": spelled}).json()["vote"]
+        assert vote["answer"] == "0.5" and set(vote["weights"]) == {"3", "0.5"}, vote
     finally:
         serve.delete(cfg.name)
 

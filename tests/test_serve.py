@@ -150,6 +150,10 @@ def test_config_errors_name_the_field(tmp_path, tiny_prm_path):
         ServeConfig(prm="x", dtype="float33")
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         ServeConfig(prm="x", max_batch_tokens=0)
+    with pytest.raises(ConfigError, match="vote_on"):
+        ServeConfig(prm="x", vote_on="beta")
+    with pytest.raises(ConfigError, match="vote_groups"):
+        ServeConfig(prm="x", vote_groups="fuzzy")
     with pytest.raises(ConfigError, match=r"max_batch_tokens \(100\) must be at least the models' context \(256"):
         app_builder({"prm": tiny_prm_path, "max_batch_tokens": "100"})
     with pytest.raises(ConfigError, match="autoscaling"):

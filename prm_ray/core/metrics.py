@@ -30,6 +30,9 @@ import numpy as np
 
 PROTOCOLS = ("first", "random")
 TIES = ("expected", "first")
+VOTE_ON = ("log_ratio", "score")
+"""What the weighted-vote coefficient multiplies: the log-ratio (score / beta; the released eval)
+or the beta-scaled score (:func:`score_coefficient`)."""
 
 
 def best_of_n(scores: Sequence[float], correct: Sequence[bool], ties: str = "expected") -> float:
@@ -82,6 +85,15 @@ def vote(answers: Sequence[str | None], correct: Sequence[bool], weights: Sequen
 def sigmoid_weights(scores: Sequence[float], coef: float) -> np.ndarray:
     """Voting weights ``sigmoid(coef * score)`` (the paper's eval code uses coef = 0.001)."""
     return 1.0 / (1.0 + np.exp(-coef * np.asarray(scores, dtype=np.float64)))
+
+
+def score_coefficient(vote_coef: float, vote_on: str, beta: float) -> float:
+    """The coefficient on the score that puts ``vote_coef`` on what ``vote_on`` names: the released
+    eval's ``sigmoid(0.001 * log-ratio)`` is ``sigmoid(0.001 / beta * score)`` for a score scaled by
+    beta (1 for scores that are no scaled log-ratio)."""
+    if vote_on not in VOTE_ON:
+        raise ValueError(f"vote_on must be one of {VOTE_ON}, got {vote_on!r}")
+    return vote_coef / beta if vote_on == "log_ratio" else vote_coef
 
 
 def pass_at_k_exact(num_correct: int, m: int, k: int) -> float:

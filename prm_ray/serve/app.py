@@ -35,11 +35,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from prm_ray.config import from_dict, nest, to_dict
+from prm_ray.core.metrics import score_coefficient
 from prm_ray.scoring import StepScores
 from prm_ray.serve.batcher import BatchScorer, ScoreJob, job_size, padded_tokens, split_jobs
 from prm_ray.serve.config import ServeConfig, check_implicit, check_token_budget, load_scorer_prm, resolved_config
-from prm_ray.serve.schemas import InvalidRequest, as_dict, field_name, request_models, weighted_vote
-from prm_ray.tasks import last_boxed
+from prm_ray.serve.schemas import InvalidRequest, as_dict, field_name, request_models, vote_keys, weighted_vote
+from prm_ray.tasks import get_task, last_boxed
 from prm_ray.tokens import TokenizedItem
 
 __all__ = ["ALIASES", "PRMScorer", "app_builder", "build_app", "build_fastapi", "scorer_handle"]
@@ -66,8 +67,9 @@ class PRMScorer:
         self.cfg = from_dict(ServeConfig, config)
         torch.set_num_threads(self.cfg.torch_threads)
         self.prm = load_scorer_prm(self.cfg)
-        # vote_on log_ratio: the coefficient multiplies score / beta (an explicit PRM has no beta)
-        self._vote_scale = getattr(self.prm, "beta", 1.0) if self.cfg.vote_on == "log_ratio" else 1.0
+        self._beta = getattr(self.prm, "beta", 1.0)  # an explicit PRM's scores are no scaled log-ratio
+        # vote_groups math: the rollout verifier's answer grouping (a math-verify pool, started on first use)
+        self._grouper = get_task("math") if self.cfg.vote_groups == "math" else None
         self.scorer = BatchScorer(self.prm, share_prompt=self.cfg.share_prompt,
                                   min_saving=self.cfg.share_prompt_min_saving)
         # The token travels as a hash, so it never shows in Serve's config or dashboard; a
@@ -134,11 +136,14 @@ class PRMScorer:
         scores = [r.score for r in results]
         answers = [last_boxed(r) for r in req.responses]
         answers = [a.strip() if a is not None else None for a in answers]
+        # math-verify runs in worker processes; the wait leaves the event loop to other requests
+        keys = answers if self._grouper is None else await asyncio.to_thread(vote_keys, answers, self._grouper)
         return {
             "scores": scores,
             "best_index": max(range(len(scores)), key=scores.__getitem__),  # first of equal scores
             "answers": answers,
-            "vote": weighted_vote(answers, scores, req.vote_coef / self._vote_scale, req.weighted_vote),
+            "vote": weighted_vote(keys, scores, score_coefficient(req.vote_coef, self.cfg.vote_on, self._beta),
+                                  req.weighted_vote),
             "results": [as_dict(r, req.token_rewards) for r in results],
         }
 

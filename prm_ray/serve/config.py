@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from prm_ray.artifacts import read_prm_card
 from prm_ray.config import ConfigError, param
+from prm_ray.core.metrics import VOTE_ON
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.models import context_length, device_for
 from prm_ray.resources import Resources, check_dtype, resolve_dtype
@@ -72,6 +73,9 @@ class ServeConfig(Resources):
                                     "0.001 on the log-ratio)")
     vote_on: str = param("log_ratio", "what vote_coef multiplies: log_ratio (the score without beta, the released "
                                       "eval) or score (as eval.vote_on)")
+    vote_groups: str = param("exact", "how /rerank's vote groups answers: exact = the extracted strings | math = "
+                                      "equivalent answers vote together (math-verify in a deadline pool on the "
+                                      "replica, as the rollouts' answer_group; adds its comparisons to the latency)")
     autoscaling: AutoscalingConfig | None = param(None, "")
     host: str = param("127.0.0.1", "HTTP bind address (serve-config files set it in http_options)")
     port: int = param(8000, "HTTP port")
@@ -104,8 +108,10 @@ class ServeConfig(Resources):
             raise ConfigError(f"share_prompt_min_saving must be in [0, 1), got {self.share_prompt_min_saving}")
         if not (math.isfinite(self.vote_coef) and self.vote_coef > 0):
             raise ConfigError(f"vote_coef must be a finite number > 0, got {self.vote_coef}")
-        if self.vote_on not in ("log_ratio", "score"):
-            raise ConfigError(f"vote_on must be 'log_ratio' or 'score', got {self.vote_on!r}")
+        if self.vote_on not in VOTE_ON:
+            raise ConfigError(f"vote_on must be one of {VOTE_ON}, got {self.vote_on!r}")
+        if self.vote_groups not in ("exact", "math"):
+            raise ConfigError(f"vote_groups must be 'exact' or 'math', got {self.vote_groups!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):

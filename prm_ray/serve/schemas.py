@@ -13,8 +13,9 @@ from prm_ray.core.metrics import answer_totals, sigmoid_weights
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.scoring import StepScores
 from prm_ray.serve.config import ServeConfig
+from prm_ray.tasks import Task, Verdict, VerifyStatus
 
-__all__ = ["InvalidRequest", "as_dict", "field_name", "request_models", "weighted_vote"]
+__all__ = ["InvalidRequest", "as_dict", "field_name", "request_models", "vote_keys", "weighted_vote"]
 
 
 class InvalidRequest(ValueError):
@@ -127,6 +128,13 @@ def as_dict(s: StepScores, with_tokens: bool) -> dict:
     if with_tokens:
         d["token_rewards"] = s.token_rewards
     return d
+
+
+def vote_keys(answers: Sequence[str | None], task: Task) -> list[str | None]:
+    """What each answer votes as: its group among these answers (:meth:`prm_ray.tasks.Task.answer_groups`;
+    there is no gold answer here, so none is correct)."""
+    verdicts = [Verdict(False, VerifyStatus.OK if a is not None else VerifyStatus.NO_ANSWER, a) for a in answers]
+    return task.answer_groups([(verdicts, "")])[0]
 
 
 def weighted_vote(answers: Sequence[str | None], scores: Sequence[float], coef: float,

@@ -41,7 +41,7 @@ from prm_ray.artifacts import (
     write_json,
 )
 from prm_ray.config import ConfigError, param, save_config, to_dict
-from prm_ray.core.metrics import PROTOCOLS, TIES, evaluate_problems
+from prm_ray.core.metrics import PROTOCOLS, TIES, VOTE_ON, evaluate_problems, score_coefficient
 from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
@@ -50,8 +50,6 @@ from prm_ray.tokens import TOKEN_NAMES
 
 __all__ = ["PRESETS", "ROLLOUT_COLUMNS", "EvaluateConfig", "EvaluationJobConfig", "evaluate_prm", "metrics",
            "problems_from_scores", "reference_logprobs", "run_evaluation", "score"]
-
-VOTE_ON = ("log_ratio", "score")
 
 PRESETS: dict[str, dict] = {
     # The paper's released evaluation (PRIME-RL/ImplicitPRM eval/bon_eval.py, prm_eval_utils.py):
@@ -233,9 +231,8 @@ def metrics(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dic
     """Every metric of scored problems. ``beta``: what the scores are scaled by (an implicit PRM's
     training beta; 1 for scores that are not a scaled log-ratio), so ``vote_on: log_ratio`` can
     undo it."""
-    coef = cfg.vote_coef / beta if cfg.vote_on == "log_ratio" else cfg.vote_coef
-    return evaluate_problems(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets,
-                             seed=cfg.seed, vote_coef=coef, ties=cfg.ties)
+    return evaluate_problems(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets, seed=cfg.seed,
+                             vote_coef=score_coefficient(cfg.vote_coef, cfg.vote_on, beta), ties=cfg.ties)
 
 
 def _check_prm(card: dict, prm: str, cfg: EvaluateConfig) -> None:
