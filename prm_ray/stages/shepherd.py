@@ -46,15 +46,17 @@ from prm_ray.artifacts import (
     write_parquet_atomic,
 )
 from prm_ray.cli import root_cause
-from prm_ray.config import ConfigError, param, save_config, to_dict
+from prm_ray.config import ConfigError, from_dict, param, save_config, to_dict
 from prm_ray.core.flops import forward_flops
 from prm_ray.stages.rollout import (
     SCHEMA,
     EngineConfig,
+    RolloutConfig,
     Verifier,
     VerifierConfig,
     VLLMSampler,
     engine_environment,
+    make_task,
     sample_seed,
 )
 from prm_ray.stages.runtime import cpu_seconds, init_ray
@@ -76,6 +78,7 @@ LABEL_SCHEMA = pa.schema(list(SCHEMA) + [
 ])
 """One row per labelled response: the rollout columns plus the step labels (docs/rollouts.md)."""
 
+LABEL_METHODS = ("monte_carlo", "exact")
 SKIP_REASONS = ("unverifiable_timeout", "unverifiable_error", "beyond_first_k", "exceeds_context")
 
 
@@ -97,6 +100,9 @@ class ShepherdConfig:
 
     rollouts: str = param("runs/rollouts/train", "a rollout output directory (holds rollout_meta.json and data/)")
     out: str = param("runs/shepherd", "output directory (the step-labelled set)")
+    method: str = param("monte_carlo", "monte_carlo: Math-Shepherd's completions from each step boundary | exact: "
+                                       "the task's step checker (arith), a step is good until the first wrong "
+                                       "one, no sampling (the upper bound of what completions estimate)")
     model: str | None = param(None, "the completer; null: the rollouts' own model")
     completions_per_step: int = param(8, "K completions per step boundary (the paper's default)")
     responses_per_instruction: int | None = param(None, "label the first k verifiable responses by sample_index; "
@@ -122,6 +128,8 @@ class ShepherdConfig:
                 raise ConfigError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ConfigError(f"model must be a non-empty path/hub id or null, got {self.model!r}")
+        if self.method not in LABEL_METHODS:
+            raise ConfigError(f"method must be one of {LABEL_METHODS}, got {self.method!r}")
         positive_int("completions_per_step", self.completions_per_step)
         positive_int("responses_per_instruction", self.responses_per_instruction, allow_none=True)
         positive_int("shard_size", self.shard_size)
@@ -265,6 +273,23 @@ def _labels(shard: dict) -> dict[str, list]:
     return out
 
 
+def exact_labels(shard: dict, task) -> dict[str, list]:
+    """:func:`_labels`' columns from the task's step checker instead of completions: a step's label
+    is 1 until the response's first wrong step, 0 from there (no completions, no tokens)."""
+    out: dict[str, list] = {k: [] for k in ("step_completions", "step_correct", "step_labels_hard",
+                                            "step_labels_soft")}
+    for prompt, steps in zip(shard["prompt"], shard["steps"]):
+        first = task.check_steps(prompt, steps).first_error
+        good = [int(first < 0 or t < first) for t in range(len(steps))]
+        out["step_completions"].append([0] * len(steps))
+        out["step_correct"].append(good)
+        out["step_labels_hard"].append([float(g) for g in good])
+        out["step_labels_soft"].append([float(g) for g in good])
+    n = len(shard["steps"])
+    out.update(completion_prompt_tokens=[0] * n, completion_generated_tokens=[0] * n, completions_unverifiable=[0] * n)
+    return out
+
+
 def write_labels(batch: pa.Table, out: str) -> pa.Table:
     """Label one shard's responses and write them to Parquet atomically; return its stats."""
     shard = one_shard(batch)
@@ -302,6 +327,10 @@ def _settings(cfg: ShepherdConfig, rollouts: Path, rmeta: dict) -> dict:
     rcfg = rmeta["config"]
     model = cfg.model or rcfg["model"]
     s = cfg.sampling
+    if cfg.method == "exact":  # the checker on the PRM's steps: the tokenizer's split is all that matters
+        return {"rollouts_data": fingerprint(rollouts), "method": "exact", "model": model,
+                "responses_per_instruction": cfg.responses_per_instruction, "shard_size": cfg.shard_size,
+                "sampling": {"context_length": context_length(model, cfg.engine.max_model_len)}}
     return {
         "rollouts_data": fingerprint(rollouts),
         "model": model,
@@ -460,6 +489,18 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
 
     todo = [s for s in shards if not shard_path(out, s["shard_id"]).exists()]
     stats: list[dict] = []
+    if cfg.method == "exact":  # no sampling: label in the driver, a shard file at a time
+        task = make_task(from_dict(RolloutConfig, rmeta["config"]))
+        if not task.ERROR_KINDS:
+            raise ConfigError(f"method exact: task {task.name!r} has no step checker (arith has one)")
+        for shard in todo:
+            cols = {name: shard[name] for name in SCHEMA.names}
+            cols.update(steps=shard["steps"], **exact_labels(shard, task))
+            write_parquet_atomic(pa.table({n: cols[n] for n in LABEL_SCHEMA.names}, schema=LABEL_SCHEMA),
+                                 shard_path(out, shard["shard_id"]))
+            stats.append({"generate_seconds": 0.0, "verify_seconds": 0.0, "engine_startup_seconds": 0.0,
+                          "completions": 0, "generated_tokens": 0, "engine_dtype": "none"})
+        todo = []
     t0 = time.time()
 
     def record(**extra) -> dict:
@@ -486,8 +527,9 @@ def run_shepherd(cfg: ShepherdConfig, sampler_cls: type | None = None) -> dict:
     summary = summarize_labels(out)
     summary.update(
         rows_in_rollouts=plan["rows_in_rollouts"], rows_skipped=plan["rows_skipped"],
-        model=settings["model"], completions_per_step=cfg.completions_per_step,
-        temperature=settings["sampling"]["temperature"], max_tokens=settings["sampling"]["max_tokens"],
+        model=settings["model"], method=cfg.method,
+        completions_per_step=cfg.completions_per_step if cfg.method == "monte_carlo" else 0,
+        temperature=settings["sampling"].get("temperature"), max_tokens=settings["sampling"].get("max_tokens"),
         context_length=settings["sampling"]["context_length"],
         shards={"total": len(shards), "done_this_run": len(stats), "reused_this_run": len(shards) - len(todo)},
     )

@@ -1,7 +1,7 @@
 """Tasks: instruction sources, answer extraction and verification (arith, math)."""
 
 from prm_ray.tasks.arith import ArithTask
-from prm_ray.tasks.base import LABELLED, UNVERIFIABLE, Instruction, Task, Verdict, VerifyStatus, last_boxed
+from prm_ray.tasks.base import LABELLED, UNVERIFIABLE, Instruction, StepCheck, Task, Verdict, VerifyStatus, last_boxed
 from prm_ray.tasks.math import MathTask
 
 
@@ -14,4 +14,4 @@ def get_task(name: str, **kwargs) -> Task:
     raise ValueError(f"unknown task {name!r}: expected 'arith' or 'math'")
 
 
-__all__ = ["LABELLED", "UNVERIFIABLE", "Instruction", "Task", "Verdict", "VerifyStatus", "get_task", "last_boxed"]
+__all__ = ["LABELLED", "UNVERIFIABLE", "Instruction", "StepCheck", "Task", "Verdict", "VerifyStatus", "get_task", "last_boxed"]

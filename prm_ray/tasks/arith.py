@@ -26,13 +26,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prm_ray.config import param
-from prm_ray.tasks.base import Instruction, Task, Verdict, VerifyStatus, last_boxed
+from prm_ray.tasks.base import Instruction, StepCheck, Task, Verdict, VerifyStatus, last_boxed
 
 SPLITS = ("train", "validation", "test")
 # Share of the problem space (by hash bucket out of 100) owned by each split.
 _SPLIT_BUCKETS = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": None}
 _INT = re.compile(r"^[+-]?\d+$")
+_OP_LINE = re.compile(r"^Step\s+(\d+)\s*:\s*(-?\d+)\s*([+\-*/])\s*(-?\d+)\s*=\s*(-?\d+)$")
+_ANSWER_LINE = re.compile(r"^The answer is\s*\\boxed\{([^{}]*)\}\s*\.?$")
 
 
 @dataclass
@@ -80,6 +82,8 @@ def _bucket(text: str) -> int:
 
 class ArithTask(Task):
     name = "arith"
+    ERROR_KINDS = ("malformed", "carry", "operator", "operand", "result", "missing_step", "extra_step",
+                   "final_answer")
 
     def __init__(self, config: ArithConfig | None = None, **overrides) -> None:
         if config is None:
@@ -195,6 +199,67 @@ class ArithTask(Task):
             return str(int(a)) if a is not None and _INT.match(a) else a
 
         return [[key(v.extracted_answer) for v in verdicts] for verdicts, _ in problems]
+
+    def check_steps(self, problem: str, steps: Sequence[str]) -> StepCheck:
+        """The first wrong step of a response to ``problem`` (an expression such as ``7+5*3``).
+
+        Each step's lines are read in order against the problem's operations; the first line that
+        is not the next expected one is the error, named by kind:
+
+        * ``malformed``: a line that is neither ``Step k: a<op>b = c`` nor ``The answer is
+          \\boxed{x}``, or a step numbered out of order;
+        * ``carry``: ``a`` is not the previous step's result; ``operand``: ``b`` (or, in step 1,
+          ``a``) is not the problem's number; ``operator``: ``<op>`` is not the problem's;
+        * ``result``: ``c`` is not ``a<op>b`` in this world (mod ``modulus``);
+        * ``missing_step``: the final answer (or the end of the response) comes before every
+          operation is done; ``extra_step``: an operation after the last one, or text after the answer;
+        * ``final_answer``: the boxed answer is not the last step's result.
+
+        A step is right only if every line in it is, so the checker works on any split (the
+        blank-line split puts one line in a step; the released eval's puts the answer line in the
+        last ``Step N:`` step).
+        """
+        if not steps:
+            raise ValueError("check_steps needs at least one step (a scored response has one even when empty)")
+        ops = self.parse_expression(problem.strip())
+        value, done, n, answered = ops[0][1], 0, len(ops) - 1, False
+        for k, text in enumerate(steps):
+            for line in filter(None, (x.strip() for x in text.split("\n"))):
+                op_line = _OP_LINE.match(line)
+                if answered:
+                    return StepCheck(k, "extra_step" if op_line else "malformed", f"text after the final answer: {line!r}")
+                if op_line:
+                    if done == n:
+                        return StepCheck(k, "extra_step", f"operation {done + 1} of a problem with {n}")
+                    num, a, op, b, c = int(op_line[1]), int(op_line[2]), op_line[3], int(op_line[4]), int(op_line[5])
+                    want_op, want_b = ops[done + 1]
+                    if num != done + 1:
+                        return StepCheck(k, "malformed", f"numbered Step {num}, expected Step {done + 1}")
+                    if a != value:
+                        return StepCheck(k, "carry" if done else "operand",
+                                         f"starts from {a}, expected {value}" + ("" if done else " (the problem's)"))
+                    if op != want_op:
+                        return StepCheck(k, "operator", f"operator {op}, the problem's is {want_op}")
+                    if b != want_b:
+                        return StepCheck(k, "operand", f"operand {b}, the problem's is {want_b}")
+                    result = self._apply(a, op, b)
+                    if result != c:
+                        return StepCheck(k, "result", f"{a}{op}{b} = {c}, expected {result}")
+                    value, done = c, done + 1
+                    continue
+                answer = _ANSWER_LINE.match(line)
+                if answer is None:
+                    return StepCheck(k, "malformed", f"not a step: {line!r}")
+                if done < n:
+                    return StepCheck(k, "missing_step", f"final answer after {done} of {n} operations")
+                given = answer[1].strip()
+                if not _INT.match(given) or int(given) != value:
+                    return StepCheck(k, "final_answer", f"answer {given!r}, the last step's result is {value}")
+                answered = True
+        if not answered:
+            return StepCheck(len(steps) - 1, "missing_step",
+                             f"the response ends after {done} of {n} operations" + (" without a final answer" if done == n else ""))
+        return StepCheck(-1)
 
     def verify(self, response: str, gold: str) -> Verdict:
         extracted = self.extract_answer(response)

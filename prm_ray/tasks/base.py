@@ -45,6 +45,24 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class StepCheck:
+    """A response's steps judged against its problem (step-level ground truth).
+
+    ``first_error`` is the index of the first wrong step among the steps given to
+    :meth:`Task.check_steps` (-1: none), ``kind`` its error kind (one of the task's
+    ``ERROR_KINDS``; None when there is no error), ``detail`` says what was expected there.
+    """
+
+    first_error: int
+    kind: str | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.first_error < 0) != (self.kind is None):
+            raise ValueError(f"a StepCheck names a kind exactly when it has an error, got {self}")
+
+
+@dataclass(frozen=True)
 class Instruction:
     """One problem. `prompt` is the raw problem text; chat templates are applied later, per model."""
 
@@ -81,6 +99,16 @@ class Task(abc.ABC):
     def format_instruction(self, instruction: Instruction) -> str:
         """The user-turn text the policy sees (before its chat template)."""
         return instruction.prompt
+
+    ERROR_KINDS: tuple[str, ...] = ()
+    """The kinds of step error :meth:`check_steps` can name (empty: the task has no step checker)."""
+
+    def check_steps(self, problem: str, steps: Sequence[str]) -> StepCheck:
+        """Judge each step of a response to ``problem`` (the user turn it answered), split into
+        ``steps`` exactly as a PRM splits it; only tasks whose every step can be checked exactly
+        implement this (:attr:`ERROR_KINDS` non-empty)."""
+        raise NotImplementedError(f"task {self.name!r} has no step checker; step-level ground truth needs labelled "
+                                  "steps (ProcessBench-format data, docs/step-eval.md)")
 
     def answer_groups(self, problems: Sequence[tuple[Sequence[Verdict], str]]) -> list[list[str | None]]:
         """For each problem (its samples' verdicts and its gold answer), the key each sample votes
