@@ -118,6 +118,7 @@ def tiny_study(policy: str, runs: Path) -> dict:
         "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4],
         "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
         "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
+        "validation_rollouts": {**roll, "limit": 6, "shard_size": 8, "sampling": {"n": 4, "max_tokens": 48}},
         "train": {"beta": 0.5, "lr": 3e-3, "epochs": 2, "global_batch_size": 16, "micro_batch_size": 8,
                   "workers": {"replicas": 1, "num_cpus": 0.5}, "warmup_ratio": 0.0, "use_reference": True},
         # With the reference at training and inference (not the study default): exercises the

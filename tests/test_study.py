@@ -109,7 +109,24 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
         assert row == [f"{100 * by[name]['metrics'][f'bon@{n}']:.1f}" for n in (1, 2, 4, 8)]
     lik = saved["baseline_likelihood"]
     assert set(lik) == set(base) and lik["pass@1"] == base["pass@1"]
-    assert {s["stage"] for s in saved["stages"]} >= {"train rollouts", "test rollouts", "train ce-k4", "eval ce-k4"}
+    # The step-level table: every PRM and both baselines, thresholds from the validation split,
+    # report.md's numbers those of report.json.
+    sl = saved["step_level"]
+    assert sl["labels"]["responses"] == 8 * 8 and sl["validation"] == {"problems": 6, "samples_per_problem": 4}
+    assert sl["labels"]["with_error"] + sl["labels"]["without_error"] == 64
+    assert set(sl["baselines"]) == {"policy log-likelihood", "random"}
+    step_md = md.split("## Step level")[1].split("## Weighted")[0]
+    rows = {**{name: by[name]["step_level"] for name in by}, **{f"{n} (no PRM)": m for n, m in sl["baselines"].items()}}
+    for name, m in rows.items():
+        assert m["threshold_from"] == "validation" and m["with_error"] == sl["labels"]["with_error"]
+        got = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", step_md, re.M).group(1).split(" | ")
+        pct = ["-" if m[k] is None else f"{100 * m[k]:.1f}" for k in ("f1", "error_accuracy", "correct_accuracy",
+                                                                       "step_auc")]
+        assert got == pct + [f"{m['threshold']:.4g}"]
+    for f in ("step_rewards.png", "f1_threshold.png", "step_curves.json"):
+        assert (run / f).stat().st_size > 0, f
+    assert {s["stage"] for s in saved["stages"]} >= {"train rollouts", "test rollouts", "train ce-k4", "eval ce-k4",
+                                                    "validation rollouts", "eval ce-k4 (validation)"}
     assert report["results"] == saved["results"]
 
     # Submitting again reuses every stage and gives the same numbers.

@@ -354,9 +354,11 @@ def plot_step_eval(scorers: dict[str, dict], labels: pa.Table, rewards: dict[str
         values = np.array([v for r in rewards[name] for v in r], dtype=np.float64)
         lo, hi = (float(np.percentile(values, 2)), float(values.max())) if len(values) else (0.0, 1.0)
         ranges[name] = (lo, hi if hi > lo else lo + 1.0)
-    fig = Figure(figsize=(4.2 * len(names), 3.4))
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
     for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         lo, hi = ranges[name]
         for g, v in _groups(labels, rewards[name]).items():
             if v:
@@ -368,9 +370,9 @@ def plot_step_eval(scorers: dict[str, dict], labels: pa.Table, rewards: dict[str
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
-    fig = Figure(figsize=(4.2 * len(names), 3.2))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
     for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         for split, curve in scorers[name]["curves"].items():
             f1 = [np.nan if x is None else x for x in curve["f1"]]
             ax.step(curve["threshold"], f1, where="mid", label=split)

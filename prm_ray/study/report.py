@@ -79,6 +79,7 @@ def markdown(report: dict) -> str:
     lines += ["| majority voting | " + " | ".join(_pct(base[f"majority@{k}"]) for k in ns) + " |",
               "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _pct(base[f"pass@{k}"]) for k in ns) + " |",
               "| pass@1 | " + " | ".join(_pct(base["pass@1"]) for _ in ns) + " |"]
+    lines += _step_section(report)
     lines += ["", "## Weighted majority voting", ""]
     lines += _table(report, "weighted_mv", ns)
     lines += ["", "![best-of-N](bon_vs_n.png)", "", "![scaling](scaling.png)", ""]
@@ -109,6 +110,45 @@ def markdown(report: dict) -> str:
               "Seeds: " + ", ".join(f"{k} {v}" for k, v in report["seeds"].items()) + ". "
               "The full resolved config is `config.yaml` next to this file.", ""]
     return "\n".join(lines)
+
+
+def _step_section(report: dict) -> list[str]:
+    """The step-level table: does each reward model's step reward find the first wrong step?"""
+    sl = report.get("step_level")
+    if not sl:
+        return []
+    if sl.get("skipped"):
+        return ["", f"Step-level table: not made ({sl['skipped']}).", ""]
+    lab, val = sl["labels"], sl["validation"]
+    lines = ["", "## Step level: does the reward find the first wrong step?", "",
+             f"Ground truth: the task's step checker on every test response, split into the PRMs' own steps. "
+             f"{lab['responses']} test responses: {lab['with_error']} with a wrong step, {lab['right_answer_wrong_process']} "
+             f"of which reach the right answer anyway (an outcome label calls them right); {lab['without_error']} "
+             f"without one; {lab['wrong_answer_no_step_error']} wrong answers without a step error. "
+             f"Protocol of ProcessBench: a reward model predicts the first step whose reward is below its threshold; "
+             f"*error acc.*: the first wrong step found exactly, on responses with one; *correct acc.*: no step "
+             f"flagged, on responses without; F1 their harmonic mean. Each threshold is chosen on {val['problems']} "
+             f"validation problems x {val['samples_per_problem']} (never on test). *Step AUC*: P(a right step "
+             f"before a first error scores above that first wrong step), no threshold. In %.", "",
+             "| reward model | F1 | error acc. | correct acc. | step AUC | threshold |", "|---|---|---|---|---|---|"]
+    rows = [(r["name"], r.get("step_level")) for r in report["results"]]
+    rows += [(f"{name} (no PRM)", m) for name, m in sl["baselines"].items()]
+    for name, m in rows:
+        if m is None:
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        lines.append(f"| {name} | {_pct(m['f1'])} | {_pct(m['error_accuracy'])} | {_pct(m['correct_accuracy'])} | "
+                     f"{_pct(m['step_auc'])} | {m['threshold']:.4g} |")
+    kinds = [k for k in sl["kinds"] if lab["by_kind"].get(k)]
+    if kinds:
+        lines += ["", "First wrong step found exactly, by its kind (error acc. in %; responses in brackets):", "",
+                  "| reward model | " + " | ".join(f"{k} ({lab['by_kind'][k]})" for k in kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for name, m in rows:
+            if m is not None:
+                lines.append(f"| {name} | " + " | ".join(_pct(m["by_kind"][k]["error_accuracy"]) for k in kinds) + " |")
+    lines += ["", "![step rewards](step_rewards.png)", "", "![F1 against the threshold](f1_threshold.png)"]
+    return lines
 
 
 def _explicit(row: dict) -> bool:

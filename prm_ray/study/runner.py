@@ -31,6 +31,15 @@ from prm_ray.stages.evaluate import evaluate_prm, metrics, problems_from_scores,
 from prm_ray.stages.rollout import EngineConfig, RolloutConfig, VerifierConfig, run_rollouts
 from prm_ray.stages.runtime import init_ray, measure
 from prm_ray.stages.shepherd import run_shepherd
+from prm_ray.stages.step_eval import (
+    label_steps,
+    label_summary,
+    plot_step_eval,
+    random_rewards,
+    rewards_from_scores,
+    step_level,
+    task_of,
+)
 from prm_ray.stages.train.driver import train_prm
 from prm_ray.study.accounting import RolloutTokens, prm_compute
 from prm_ray.study.report import write_report
@@ -148,10 +157,10 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log) -
 def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: str, params: int,
                     log: Log) -> tuple[Path, StageRecord]:
     """Per-token reference log-probs of a rollout set, computed once and read by every PRM. The
-    test set's follow eval.step_split (the release split scores rewritten texts); the training
+    held-out sets' follow eval.step_split (the release split scores rewritten texts); the training
     set's are of the raw responses, which training scores."""
     reference = cfg.reference_model or cfg.policy
-    split = cfg.eval.step_split if label == "test" else "blank_line"
+    split = "blank_line" if label == "train" else cfg.eval.step_split
     out = reference_dir(cfg, rollouts.path, dtype, split)
     log(f"reference log-probs of the {label} responses -> {out}")
     info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype),
@@ -178,6 +187,18 @@ def _likelihood_scores(ref_data: Path) -> pa.Table:
 
 
 @dataclass
+class StepTruth:
+    """The step-level ground truth of the validation and test responses (the task's checker on
+    the PRMs' steps), with the policy-likelihood step rewards of each."""
+
+    validation: RolloutSet
+    ref_validation: Path
+    val_labels: pa.Table
+    test_labels: pa.Table
+    kinds: tuple[str, ...]
+
+
+@dataclass
 class Inputs:
     """What every row of a study shares: the data, the reference caches and the policy's size."""
 
@@ -187,6 +208,51 @@ class Inputs:
     labels: LabelSet | None
     ref_test: Path
     ref_train: Path | None
+    steps: StepTruth | None = None
+
+
+def step_truth_stage(cfg: StudyConfig, test: RolloutSet, ref_test: Path, params: int,
+                     log: Log) -> tuple[StepTruth | None, list[StageRecord], str | None]:
+    """Validation rollouts, their reference pass and the step labels of both held-out sets; None
+    (with the reason) when the study has no step-level table."""
+    if not cfg.step_eval:
+        return None, [], "step_eval is false"
+    task = task_of(test.path)
+    if not task.ERROR_KINDS:
+        return None, [], f"task {task.name!r} has no step checker"
+    val = rollout_stage(cfg, cfg.validation_rollouts, "validation rollouts", params, log)
+    ref_val, record = reference_stage(cfg, val, cfg.eval.dtype, "validation", params, log)
+    with measure() as m:
+        labels = {name: label_steps(path, cfg.policy, task, step_split=cfg.eval.step_split, ref_logprobs=ref)[0]
+                  for name, path, ref in (("validation", val.path, ref_val), ("test", test.path, ref_test))}
+    # Relabelled on every run (seconds): the checker is cheap next to keeping labels per tokenizer.
+    log(f"step labels: {labels['test'].num_rows} test and {labels['validation'].num_rows} validation responses "
+        f"({m['wall_s']:.1f} s)")
+    truth = StepTruth(val, ref_val, labels["validation"], labels["test"], tuple(task.ERROR_KINDS))
+    return truth, [val.record, record], None
+
+
+def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval_dir: Path, infer_ref: bool,
+              run_dir: Path, log: Log) -> tuple[dict, StageRecord]:
+    """A PRM's step-level result (:func:`step_level`, plus its ``test_rewards`` for the plots):
+    scored on the validation responses for its threshold, measured on the test responses' scores
+    that the evaluation made."""
+    st = inputs.steps
+    val_dir = run_dir / "eval-validation" / spec.name
+    with measure() as t:
+        ev = evaluate_prm(tc_out, st.ref_validation if infer_ref else st.validation.path, val_dir,
+                     replace(cfg.eval, use_reference=infer_ref), overwrite=cfg.overwrite)
+    test_r = rewards_from_scores(eval_dir / "scores", st.test_labels)
+    res = step_level(st.test_labels, test_r, val_labels=st.val_labels,
+                     val_rewards=rewards_from_scores(val_dir / "scores", st.val_labels), kinds=st.kinds)
+    res["test_rewards"] = test_r
+    m = res["metrics"]
+    log(f"{spec.name}: first wrong step found: F1 {_fmt(m['f1'])}, step AUC {_fmt(m['step_auc'])}")
+    return res, StageRecord(f"eval {spec.name} (validation)", t["wall_s"], ev["reused"], cpu_s=t["cpu_s"])
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
@@ -237,8 +303,13 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
         StageRecord(f"eval {spec.name}", eval_time["wall_s"], ev["reused"], cpu_s=eval_time["cpu_s"],
                     flops=compute["stages"]["scoring"]["flops"]),
     ]
+    step = None
+    if inputs.steps is not None:
+        step, record = _step_row(cfg, spec, inputs, tc.out, eval_dir, infer_ref, run_dir, log)
+        records.append(record)
     ds = report.get("dataset", {})
     result = {**entry, "status": "ok", "prm": tc.out, "metrics": m, "compute": compute,
+              "step_level": step and step["metrics"], "_step": step,
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                         "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")},
               "eval_dir": str(eval_dir)}
@@ -248,6 +319,33 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
 # ---------------------------------------------------------------------------------------------
 # The study
 # ---------------------------------------------------------------------------------------------
+
+
+def _step_report(cfg: StudyConfig, steps: StepTruth | None, results: list[dict], run_dir: Path,
+                 skipped: str | None) -> dict:
+    """The study's step-level section: the ground truth, the two baselines (the policy's per-step
+    log-likelihood, a random scorer), each scored with its own validation threshold, and the plots
+    of every row. Pops each row's curves and rewards (kept in ``step_curves.json``, not the report)."""
+    rows = {r["name"]: r.pop("_step") for r in results if r.get("_step")}
+    for r in results:
+        r.pop("_step", None)
+    if steps is None:
+        return {"skipped": skipped}
+    test_r = {"policy log-likelihood": steps.test_labels.column("likelihood_step_rewards").to_pylist(),
+              "random": random_rewards(steps.test_labels, cfg.eval.seed)}
+    val_r = {"policy log-likelihood": steps.val_labels.column("likelihood_step_rewards").to_pylist(),
+             "random": random_rewards(steps.val_labels, cfg.eval.seed)}
+    baselines = {name: step_level(steps.test_labels, test_r[name], val_labels=steps.val_labels,
+                                  val_rewards=val_r[name], kinds=steps.kinds) for name in test_r}
+    scorers = {**{n: {"metrics": r["metrics"], "curves": r["curves"]} for n, r in rows.items()}, **baselines}
+    rewards = {**{n: r["test_rewards"] for n, r in rows.items()}, **test_r}
+    plot_step_eval(scorers, steps.test_labels, rewards, run_dir)
+    write_json(run_dir / "step_curves.json", {n: s["curves"] for n, s in scorers.items()})
+    return {"labels": label_summary(steps.test_labels, steps.kinds),
+            "validation_labels": label_summary(steps.val_labels, steps.kinds),
+            "validation": {"problems": steps.validation.summary["instructions"],
+                           "samples_per_problem": cfg.validation_rollouts.sampling.n},
+            "kinds": list(steps.kinds), "baselines": {n: b["metrics"] for n, b in baselines.items()}}
 
 
 def _resolved(cfg: StudyConfig) -> StudyConfig:
@@ -312,7 +410,10 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     if any(s.uses_reference(cfg)[0] and not s.undefined for s in specs):
         ref_train, record = reference_stage(cfg, train, cfg.train.ref_pass.dtype, "train", params, log)
         records.append(record)
-    inputs = Inputs(params, train, test, labels, ref_test, ref_train)
+    # Step-level ground truth of the held-out responses (validation: where thresholds are chosen).
+    steps, step_records, no_steps = step_truth_stage(cfg, test, ref_test, params, log)
+    records += step_records
+    inputs = Inputs(params, train, test, labels, ref_test, ref_train, steps)
 
     # Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
     # best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
@@ -324,6 +425,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         result, spec_records = prm_stage(cfg, spec, inputs, run_dir, log)
         results.append(result)
         records += spec_records
+    step_report = _step_report(cfg, steps, results, run_dir, no_steps)
     total = time.time() - t_start
     out = {
         "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
@@ -336,6 +438,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
                  "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
         "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
                            "pass@1": train.summary["pass@1"]},
+        "step_level": step_report,
     }
     write_report(out, run_dir)
     log(f"report: {run_dir / 'report.md'} ({total / 60:.1f} min)")

@@ -42,6 +42,12 @@ def _test_rollouts() -> RolloutConfig:
     return RolloutConfig(split="test", limit=150, shard_size=16, sampling=SamplingConfig(n=64, max_tokens=160))
 
 
+def _validation_rollouts() -> RolloutConfig:
+    # Where the step-level thresholds are chosen (never on the test problems); fewer samples than
+    # the test set: a threshold needs responses with and without a wrong step, not 64 per problem.
+    return RolloutConfig(split="validation", limit=150, shard_size=16, sampling=SamplingConfig(n=8, max_tokens=160))
+
+
 def _train() -> TrainConfig:
     # Chosen on the validation split, never the test problems (docs/evaluation.md):
     # - one epoch at lr 1e-4 (best-of-16 67.9% against 64.4% for 2 epochs at 5e-4, with the
@@ -75,6 +81,10 @@ class StudyConfig:
     bootstrap: BootstrapConfig = param(factory=BootstrapConfig, help="")
     train_rollouts: RolloutConfig = param(factory=_train_rollouts, help="")
     test_rollouts: RolloutConfig = param(factory=_test_rollouts, help="")
+    validation_rollouts: RolloutConfig = param(factory=_validation_rollouts, help="")
+    step_eval: bool = param(True, "the step-level table: does each reward model's step reward find the first wrong "
+                                  "step (needs a task with a step checker: arith; thresholds chosen on "
+                                  "validation_rollouts)")
     train: TrainConfig = param(factory=_train, help="")
     eval: EvaluateConfig = param(factory=_eval, help="")
     headline_n: int = param(16, "the N of the scaling plot and the summary line")
@@ -92,6 +102,9 @@ class StudyConfig:
         if self.train_rollouts.split == self.test_rollouts.split and self.train_rollouts.task == self.test_rollouts.task:
             raise ConfigError(f"train_rollouts.split and test_rollouts.split are both {self.test_rollouts.split!r}; "
                               "held-out problems must come from another split")
+        if self.step_eval and self.validation_rollouts.split in (self.train_rollouts.split, self.test_rollouts.split):
+            raise ConfigError(f"validation_rollouts.split is {self.validation_rollouts.split!r}, a split the study "
+                              "trains or tests on; step-level thresholds must be chosen on other problems")
         if self.headline_n > self.test_rollouts.sampling.n:
             raise ConfigError(f"headline_n ({self.headline_n}) > test_rollouts.sampling.n "
                               f"({self.test_rollouts.sampling.n})")
@@ -100,6 +113,7 @@ class StudyConfig:
         """Each stage's request (the study runs them one after another)."""
         return (self.train_rollouts.resource_requests("train_rollouts.")
                 + self.test_rollouts.resource_requests("test_rollouts.")
+                + (self.validation_rollouts.resource_requests("validation_rollouts.") if self.step_eval else [])
                 + self.train.resource_requests("train.") + [self.eval.request("eval")])
 
     def cluster_problems(self) -> list[str]:
