@@ -15,6 +15,7 @@ from prm_ray.cli import run_job
 from prm_ray.stages.step_eval import StepEvalConfig, run_step_eval
 
 CONFIG = StepEvalConfig
+ALIASES: dict[str, str] = {}
 
 
 def _pct(x) -> str:
@@ -36,7 +37,7 @@ def run(cfg: StepEvalConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run_job(run, CONFIG, argv)
+    return run_job(run, CONFIG, argv, aliases=ALIASES)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ["rollout", "label_steps", "train_prm", "evaluate_prm", "serve_scorer", "bootstrap_policy", "scale_responses",
+JOBS = ["rollout", "label_steps", "train_prm", "evaluate_prm", "step_eval", "serve_scorer", "bootstrap_policy", "scale_responses",
         "scale_instructions", "compare_objectives", "compare_baselines"]
 HEADER = """# Configuration reference
 
