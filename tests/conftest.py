@@ -97,17 +97,21 @@ def tiny_trained_policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_rollouts(tiny_trained_policy, ray_session, tmp_path_factory):
+def tiny_rollouts(tiny_trained_policy, ray_session, study_runs):
     """Real rollouts of the tiny trained policy (6 validation instructions x 4, 3 shards), made
-    once: a vLLM engine start costs ~30 s here. Returns (out dir, summary). Do not write into it."""
-    from prm_ray.stages.rollout import RolloutConfig, SamplingConfig, run_rollouts
-    from prm_ray.tasks.arith import ArithConfig
+    once: a vLLM engine start costs ~30 s here. They are the tiny study's validation rollouts, made
+    where the study keeps them, so the study reuses them. Returns (out dir, summary). Do not write
+    into it."""
+    from prm_ray.config import from_dict
+    from prm_ray.stages.rollout import run_rollouts
+    from prm_ray.study import ScaleResponsesConfig
+    from prm_ray.study.specs import rollout_dir
 
-    out = tmp_path_factory.mktemp("rollouts") / "clean"
-    cfg = RolloutConfig(model=tiny_trained_policy[0].out, out=str(out), task="arith", split="validation", limit=6,
-                        shard_size=2, sampling=SamplingConfig(n=4, max_tokens=48), arith=ArithConfig(**TINY_ARITH),
-                        progress=False)
-    return out, run_rollouts(cfg)
+    study = from_dict(ScaleResponsesConfig, tiny_study(tiny_trained_policy[0].out, study_runs))
+    cfg = study.validation_rollouts
+    cfg.model, cfg.progress = study.policy, False
+    cfg.out = str(rollout_dir(study, cfg))
+    return Path(cfg.out), run_rollouts(cfg)
 
 
 def tiny_study(policy: str, runs: Path) -> dict:
@@ -118,7 +122,8 @@ def tiny_study(policy: str, runs: Path) -> dict:
         "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4],
         "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
         "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
-        "validation_rollouts": {**roll, "limit": 6, "shard_size": 8, "sampling": {"n": 4, "max_tokens": 48}},
+        # `tiny_rollouts` (6 validation instructions x 4, in 3 shards): made once for the session.
+        "validation_rollouts": {**roll, "limit": 6, "shard_size": 2, "sampling": {"n": 4, "max_tokens": 48}},
         "train": {"beta": 0.5, "lr": 3e-3, "epochs": 2, "global_batch_size": 16, "micro_batch_size": 8,
                   "workers": {"replicas": 1, "num_cpus": 0.5}, "warmup_ratio": 0.0, "use_reference": True},
         # With the reference at training and inference (not the study default): exercises the

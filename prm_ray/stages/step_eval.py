@@ -283,7 +283,8 @@ def scorer_report(test_rewards: list[list[float]], test_labels: pa.Table, thresh
     for k in kinds or sorted({x for x in kind if x is not None}):
         idx = [i for i, x in enumerate(kind) if x == k]
         if not idx:
-            by_kind[k] = {"with_error": 0, "error_accuracy": None, "f1": None, "step_auc": None}
+            by_kind[k] = {"with_error": 0, "error_found": 0, "error_accuracy": None, "f1": None,
+                          **_auc([], [])}
             continue
         m = process_metrics([test_rewards[i] for i in idx], [first[i] for i in idx], threshold)
         by_kind[k] = {"with_error": len(idx), "error_found": m["error_found"], "error_accuracy": m["error_accuracy"],
@@ -432,7 +433,7 @@ def _is_file(path: str) -> bool:
     return Path(path).suffix in (".jsonl", ".json", ".parquet") and Path(path).is_file()
 
 
-def _split(cfg: StepEvalConfig, source: str, name: str, reference: str | None, kinds: list) -> dict:
+def _split(cfg: StepEvalConfig, source: str, name: str, reference: str | None) -> dict:
     """Score, reference-pass and label one set of responses (``name``: test or validation)."""
     out = Path(cfg.out) / name
     task = None
@@ -440,12 +441,11 @@ def _split(cfg: StepEvalConfig, source: str, name: str, reference: str | None, k
         if cfg.eval.step_split != "blank_line":
             raise ConfigError(f"eval.step_split is {cfg.eval.step_split!r}, but ProcessBench steps are scored as given "
                               "(blank_line); drop the setting")
-        data, info = processbench_dataset(source, out / "data")
+        data, info = processbench_dataset(source, out / "processbench")
     else:
         if not Path(source).is_dir():
             raise FileNotFoundError(f"{name}: no rollout directory or ProcessBench file at {source}")
         task, data, info = task_of(source), Path(source), None
-        kinds[:] = list(task.ERROR_KINDS)
     job = EvaluationJobConfig(prm=cfg.prm, data=str(data), out=str(out), reference_model=cfg.reference_model,
                               beta=cfg.beta, eval=cfg.eval, overwrite=cfg.overwrite, ray_address=cfg.ray_address)
     result = run_evaluation(job)
@@ -457,7 +457,8 @@ def _split(cfg: StepEvalConfig, source: str, name: str, reference: str | None, k
                                   ref_logprobs=ref_dir if cfg.baselines and reference is not None else None)
     if info is not None:
         info["skipped"]["split_mismatch"] = skipped.get("split_mismatch", 0)
-    return {"labels": labels, "scores": out / "eval" / "scores", "evaluation": result, "processbench": info}
+    return {"labels": labels, "scores": out / "eval" / "scores", "evaluation": result, "processbench": info,
+            "kinds": tuple(task.ERROR_KINDS) if task is not None else ()}
 
 
 def run_step_eval(cfg: StepEvalConfig) -> dict:
@@ -471,9 +472,9 @@ def run_step_eval(cfg: StepEvalConfig) -> dict:
     reference = cfg.reference_model or card.get("reference_model") or card.get("trained_from")
     if cfg.baselines and reference is None:
         warnings.warn("no reference model: the policy log-likelihood baseline is skipped", stacklevel=2)
-    kinds: list[str] = []
-    test = _split(cfg, cfg.rollouts, "test", reference, kinds)
-    val = _split(cfg, cfg.validation, "validation", reference, kinds) if cfg.validation else None
+    test = _split(cfg, cfg.rollouts, "test", reference)
+    val = _split(cfg, cfg.validation, "validation", reference) if cfg.validation else None
+    kinds = test["kinds"]
     save_config(cfg, out / "config.yaml")
     labels = test["labels"]
     rewards = {"prm": rewards_from_scores(test["scores"], labels)}
@@ -487,7 +488,7 @@ def run_step_eval(cfg: StepEvalConfig) -> dict:
         if val:
             val_rewards["random"] = random_rewards(val["labels"], cfg.seed)
     scorers = {name: step_level(labels, r, val_labels=val["labels"] if val else None, val_rewards=val_rewards.get(name),
-                                threshold=cfg.threshold if name == "prm" else None, kinds=tuple(kinds))
+                                threshold=cfg.threshold if name == "prm" else None, kinds=kinds)
                for name, r in rewards.items()}
     if val is None and cfg.threshold is None:
         warnings.warn("no validation set and no threshold: each scorer's threshold is chosen on the evaluated "
@@ -498,8 +499,8 @@ def run_step_eval(cfg: StepEvalConfig) -> dict:
     plots = plot_step_eval(scorers, labels, rewards, out)
     report = {"prm": cfg.prm, **scorers["prm"]["metrics"],
               "baselines": {n: s["metrics"] for n, s in scorers.items() if n != "prm"},
-              "labels": label_summary(labels, tuple(kinds)),
-              "validation_labels": label_summary(val["labels"], tuple(kinds)) if val else None,
+              "labels": label_summary(labels, kinds),
+              "validation_labels": label_summary(val["labels"], kinds) if val else None,
               "processbench": {"test": test["processbench"], "validation": val and val["processbench"]}
               if test["processbench"] else None,
               "outcome_metrics": test["evaluation"]["metrics"], "config": to_dict(cfg),

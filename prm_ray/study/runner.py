@@ -241,7 +241,7 @@ def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval
     val_dir = run_dir / "eval-validation" / spec.name
     with measure() as t:
         ev = evaluate_prm(tc_out, st.ref_validation if infer_ref else st.validation.path, val_dir,
-                     replace(cfg.eval, use_reference=infer_ref), overwrite=cfg.overwrite)
+                          replace(cfg.eval, use_reference=infer_ref), overwrite=cfg.overwrite)
     test_r = rewards_from_scores(eval_dir / "scores", st.test_labels)
     res = step_level(st.test_labels, test_r, val_labels=st.val_labels,
                      val_rewards=rewards_from_scores(val_dir / "scores", st.val_labels), kinds=st.kinds)
@@ -256,8 +256,9 @@ def _fmt(x: float | None) -> str:
 
 
 def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
-              log: Log) -> tuple[dict, list[StageRecord]]:
-    """Train and evaluate one row; returns its report entry and its stage records."""
+              log: Log) -> tuple[dict, list[StageRecord], dict | None]:
+    """Train and evaluate one row; returns its report entry, its stage records and its step-level
+    result with curves and rewards (None without a step-level table)."""
     train_with_ref, infer_ref = spec.uses_reference(cfg)
     k = spec.responses_per_instruction
     if spec.explicit:
@@ -269,7 +270,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
              "train_overrides": spec.train_overrides, "axis": spec.axis}
     if spec.undefined:
         log(f"{spec.name}: not defined ({spec.undefined})")
-        return {**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, []
+        return {**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, [], None
     tc = train_config(cfg, spec, inputs.labels.path if spec.explicit else inputs.train.path, inputs.ref_train)
     log(f"{spec.name}: training -> {tc.out}")
     with measure() as train_time:
@@ -309,11 +310,11 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
         records.append(record)
     ds = report.get("dataset", {})
     result = {**entry, "status": "ok", "prm": tc.out, "metrics": m, "compute": compute,
-              "step_level": step and step["metrics"], "_step": step,
+              "step_level": step and step["metrics"],
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                         "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")},
               "eval_dir": str(eval_dir)}
-    return result, records
+    return result, records, step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +322,11 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_report(cfg: StudyConfig, steps: StepTruth | None, results: list[dict], run_dir: Path,
+def _step_report(cfg: StudyConfig, steps: StepTruth | None, rows: dict[str, dict], run_dir: Path,
                  skipped: str | None) -> dict:
     """The study's step-level section: the ground truth, the two baselines (the policy's per-step
     log-likelihood, a random scorer), each scored with its own validation threshold, and the plots
-    of every row. Pops each row's curves and rewards (kept in ``step_curves.json``, not the report)."""
-    rows = {r["name"]: r.pop("_step") for r in results if r.get("_step")}
-    for r in results:
-        r.pop("_step", None)
+    of every row (``rows``: each PRM's :func:`_step_row`; their curves go to ``step_curves.json``)."""
     if steps is None:
         return {"skipped": skipped}
     test_r = {"policy log-likelihood": steps.test_labels.column("likelihood_step_rewards").to_pylist(),
@@ -420,12 +418,14 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     baseline = metrics(problems_from_scores(_zero_scores(test.path), "min"), cfg.eval)
     likelihood = metrics(problems_from_scores(_likelihood_scores(ref_test), "min"), cfg.eval)
 
-    results = []
+    results, step_rows = [], {}
     for spec in specs:
-        result, spec_records = prm_stage(cfg, spec, inputs, run_dir, log)
+        result, spec_records, step = prm_stage(cfg, spec, inputs, run_dir, log)
         results.append(result)
         records += spec_records
-    step_report = _step_report(cfg, steps, results, run_dir, no_steps)
+        if step is not None:
+            step_rows[spec.name] = step
+    step_report = _step_report(cfg, steps, step_rows, run_dir, no_steps)
     total = time.time() - t_start
     out = {
         "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
