@@ -175,8 +175,11 @@ def label_summary(labels: pa.Table, kinds: tuple[str, ...] = ()) -> dict:
 
 
 def _read_rows(path: Path) -> pa.Table:
-    if path.suffix == ".jsonl" or path.suffix == ".json":
-        return pajson.read_json(str(path))
+    if path.suffix == ".jsonl":
+        try:
+            return pajson.read_json(str(path))
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{path}: not JSON lines (one row object per line): {exc}") from None
     if path.suffix == ".parquet":
         return pq.read_table(str(path))
     raise ConfigError(f"{path}: a ProcessBench-format file must be .jsonl or .parquet")
@@ -430,7 +433,7 @@ class StepEvalConfig:
 
 
 def _is_file(path: str) -> bool:
-    return Path(path).suffix in (".jsonl", ".json", ".parquet") and Path(path).is_file()
+    return Path(path).suffix in (".jsonl", ".parquet") and Path(path).is_file()
 
 
 def _split(cfg: StepEvalConfig, source: str, name: str, reference: str | None) -> dict:
