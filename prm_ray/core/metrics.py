@@ -149,14 +149,16 @@ def default_ns(m: int) -> list[int]:
     return ns + [m]
 
 
-def evaluate_problems(problems: Sequence[dict], ns: Sequence[int] | None = None, *, protocol: str = "first",
-                      subsets: int = 100, seed: int = 0, vote_coef: float = 0.001,
-                      ties: str = "expected") -> dict[str, float]:
-    """Average the metrics over problems. Each problem is a dict with equal-length lists
-    ``correct``, ``answers``, ``scores`` (all problems must have the same M).
+def problem_values(problems: Sequence[dict], ns: Sequence[int] | None = None, *, protocol: str = "first",
+                   subsets: int = 100, seed: int = 0, vote_coef: float = 0.001,
+                   ties: str = "expected") -> dict[str, np.ndarray]:
+    """Every metric of every problem: metric name -> one value per problem, in the order given.
+    Each problem is a dict with equal-length lists ``correct``, ``answers``, ``scores`` (all
+    problems must have the same M). The confidence intervals of a study resample these
+    (:mod:`prm_ray.core.stats`); :func:`evaluate_problems` averages them.
 
-    Returns ``pass@1`` (the mean correctness of all M samples: unbiased), ``pass@1_first`` (the
-    first sample's correctness: the released eval's N = 1 number, noisier) and ``pass@N``,
+    ``pass@1`` is the mean correctness of all M samples (unbiased); ``pass@1_first`` the first
+    sample's correctness (the released eval's N = 1 number, noisier); then ``pass@N``,
     ``majority@N``, ``bon@N``, ``weighted_mv@N`` for every N, as fractions in [0, 1].
     """
     if not problems:
@@ -169,21 +171,21 @@ def evaluate_problems(problems: Sequence[dict], ns: Sequence[int] | None = None,
     bad = [n for n in ns if not 0 < n <= m]
     if bad:
         raise ValueError(f"N values {bad} are outside 1..M={m}")
-    totals: dict[str, float] = defaultdict(float)
+    keys = ["pass@1", "pass@1_first"] + [f"{kind}@{n}" for n in ns for kind in ("pass", "majority", "weighted_mv", "bon")
+                                         if not (kind == "pass" and n == 1)]
+    out = {k: np.zeros(len(problems)) for k in keys}
     for k, p in enumerate(problems):
-        totals["mean_correct"] += float(np.mean(np.asarray(p["correct"], dtype=np.float64)))
-        totals["first_correct"] += float(bool(p["correct"][0]))
+        out["pass@1"][k] = float(np.mean(np.asarray(p["correct"], dtype=np.float64)))
+        out["pass@1_first"][k] = float(bool(p["correct"][0]))
         rng = random.Random(f"{seed}:{k}")  # per problem: adding problems does not reshuffle others
         for n in ns:
             for key, v in problem_metrics(p["correct"], p["answers"], p["scores"], n, protocol=protocol,
                                           subsets=subsets, rng=rng, vote_coef=vote_coef, ties=ties).items():
-                totals[key] += v
-    out = {"pass@1": totals.pop("mean_correct") / len(problems),
-           "pass@1_first": totals.pop("first_correct") / len(problems)}
-    for n in ns:
-        for kind in ("pass", "majority", "weighted_mv", "bon"):
-            key = f"{kind}@{n}"
-            if kind == "pass" and n == 1:
-                continue  # pass@1 is the mean over all M samples, above
-            out[key] = totals[key] / len(problems)
+                if key != "pass@1":  # pass@1 is the mean over all M samples, above
+                    out[key][k] = v
     return out
+
+
+def evaluate_problems(problems: Sequence[dict], ns: Sequence[int] | None = None, **kwargs) -> dict[str, float]:
+    """The metrics of :func:`problem_values` averaged over the problems."""
+    return {k: float(v.mean()) for k, v in problem_values(problems, ns, **kwargs).items()}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -41,7 +42,7 @@ from prm_ray.artifacts import (
     write_json,
 )
 from prm_ray.config import ConfigError, param, save_config, to_dict
-from prm_ray.core.metrics import PROTOCOLS, TIES, VOTE_ON, evaluate_problems, score_coefficient
+from prm_ray.core.metrics import PROTOCOLS, TIES, VOTE_ON, problem_values, score_coefficient
 from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
@@ -49,7 +50,7 @@ from prm_ray.stages.tokenize import tokenize_dataset
 from prm_ray.tokens import TOKEN_NAMES
 
 __all__ = ["PRESETS", "ROLLOUT_COLUMNS", "EvaluateConfig", "EvaluationJobConfig", "evaluate_prm", "metrics",
-           "problems_from_scores", "reference_logprobs", "run_evaluation", "score"]
+           "per_problem", "problems_from_scores", "reference_logprobs", "run_evaluation", "score", "score_scale"]
 
 PRESETS: dict[str, dict] = {
     # The paper's released evaluation (PRIME-RL/ImplicitPRM eval/bon_eval.py, prm_eval_utils.py):
@@ -227,12 +228,25 @@ def problems_from_scores(scores: str | Path | pa.Table, aggregation: str = "min"
     return problems
 
 
+def per_problem(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dict[str, np.ndarray]:
+    """Every metric of every scored problem (metric -> one value per problem, in ``problems``'
+    order). ``beta``: what the scores are scaled by (:func:`score_scale`), so ``vote_on:
+    log_ratio`` can undo it."""
+    return problem_values(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets, seed=cfg.seed,
+                          vote_coef=score_coefficient(cfg.vote_coef, cfg.vote_on, beta), ties=cfg.ties)
+
+
 def metrics(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dict[str, float]:
-    """Every metric of scored problems. ``beta``: what the scores are scaled by (an implicit PRM's
-    training beta; 1 for scores that are not a scaled log-ratio), so ``vote_on: log_ratio`` can
-    undo it."""
-    return evaluate_problems(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets, seed=cfg.seed,
-                             vote_coef=score_coefficient(cfg.vote_coef, cfg.vote_on, beta), ties=cfg.ties)
+    """Every metric of scored problems, averaged over them (:func:`per_problem`)."""
+    return {k: float(v.mean()) for k, v in per_problem(problems, cfg, beta).items()}
+
+
+def score_scale(card: dict, beta: float | None = None) -> float:
+    """What a PRM's scores are scaled by: an implicit PRM's beta (``beta``, else its card's, else
+    0.05); 1 for an explicit PRM, whose score is a probability, not a beta-scaled log-ratio."""
+    if card.get("kind") == "explicit":
+        return 1.0
+    return float(beta if beta is not None else card.get("beta", 0.05))
 
 
 def _check_prm(card: dict, prm: str, cfg: EvaluateConfig) -> None:
@@ -270,9 +284,7 @@ def evaluate_prm(prm: str, data: str | Path, out: str | Path, cfg: EvaluateConfi
                       stacklevel=2)
     scored = score(data, prm, out / "scores", cfg, beta)
     problems = problems_from_scores(out / "scores", cfg.aggregation, votes)
-    # An explicit PRM's score is a probability, not a beta-scaled log-ratio.
-    scale = 1.0 if card.get("kind") == "explicit" else beta
-    result = {"key": key, "metrics": metrics(problems, cfg, scale), "problems": len(problems),
+    result = {"key": key, "metrics": metrics(problems, cfg, score_scale(card, beta)), "problems": len(problems),
               "samples_per_problem": len(problems[0]["correct"]), "score_seconds": scored["seconds"], "dtype": cfg.dtype,
               "votes_by": votes,
               "responses": sum(len(p["correct"]) for p in problems)}
