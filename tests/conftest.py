@@ -119,7 +119,8 @@ def tiny_study(policy: str, runs: Path) -> dict:
     `tiny_train_rollouts` makes, so the study reuses them)."""
     roll = {"arith": TINY_ARITH, "sampling": {"max_tokens": 48}}
     return {
-        "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4],
+        "runs_dir": str(runs), "policy": policy, "headline_n": 4, "responses": [4], "seeds": [0],
+        "intervals": {"draws": 200},
         "train_rollouts": {**roll, "limit": 48, "shard_size": 16, "sampling": {"n": 4, "max_tokens": 48}},
         "test_rollouts": {**roll, "limit": 8, "shard_size": 8, "sampling": {"n": 8, "max_tokens": 48}},
         # `tiny_rollouts` (6 validation instructions x 4, in 3 shards): made once for the session.

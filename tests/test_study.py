@@ -81,7 +81,7 @@ def shared_runs(study_runs, tiny_train_rollouts):
 def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_runs, tmp_path):
     import scale_responses
 
-    cfg = _tiny(tiny_trained_policy[0].out, shared_runs)
+    cfg = {**_tiny(tiny_trained_policy[0].out, shared_runs), "seeds": [0, 1]}
     argv = ["--config", str(tmp_path / "cfg.json")]
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))  # JSON is YAML
     report = scale_responses.main(argv)
@@ -91,26 +91,43 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
     saved = json.loads((run / "report.json").read_text())
     by = {r["name"]: r for r in saved["results"]}
     assert set(by) == {"ce-k4", "dpo-k4"}  # (DPO at k=1, undefined, is checked in test_grids)
+    keys = {f"{k}@{n}" for k in ("pass", "majority", "bon", "weighted_mv") for n in (1, 2, 4, 8)} | {"pass@1_first"}
     for name in ("ce-k4", "dpo-k4"):
         r = by[name]
         assert r["objective"] == name.split("-")[0] and r["reference"] is True
         assert r["responses_per_instruction"] == int(name[-1])
-        keys = {f"{k}@{n}" for k in ("pass", "majority", "bon", "weighted_mv") for n in (1, 2, 4, 8)}
-        assert set(r["metrics"]) == keys | {"pass@1_first"}
-        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+        assert set(r["metrics"]) == set(r["intervals"]) == set(r["by_seed"]) == keys
+        # Two training seeds, two PRMs; the row's numbers are the mean of the seeds' own evaluations
+        # (each seed's metrics.json), inside their interval.
+        assert r["seeds"] == [0, 1] and [x["seed"] for x in r["runs"]] == [0, 1]
+        assert r["runs"][0]["prm"] != r["runs"][1]["prm"]
+        for k in keys:
+            assert r["by_seed"][k] == pytest.approx([x["metrics"][k] for x in r["runs"]])
+            assert r["metrics"][k] == pytest.approx(sum(r["by_seed"][k]) / 2)
+            lo, hi = r["intervals"][k]
+            assert 0.0 <= lo <= r["metrics"][k] + 1e-12 and r["metrics"][k] - 1e-12 <= hi <= 1.0
+        d = r["differences"]["bon@4 - majority@4"]
+        assert d["mean"] == pytest.approx(r["metrics"]["bon@4"] - saved["baseline"]["majority@4"])
+        assert d["interval"][0] <= d["mean"] + 1e-12 <= d["interval"][1] + 2e-12
     # The policy-only numbers agree with the rollouts themselves.
     base = saved["baseline"]
     assert base["pass@1"] == pytest.approx(saved["stages"][2]["pass@1"])
     assert base["pass@8"] == pytest.approx(saved["stages"][2]["pass@N"])
-    # Every best-of-N number in report.md is the one in report.json.
+    assert saved["baseline_intervals"]["pass@1"][0] <= base["pass@1"] <= saved["baseline_intervals"]["pass@1"][1]
+    # Every best-of-N number in report.md is the one in report.json, with its interval.
     md = (run / "report.md").read_text()
     for name in ("ce-k4", "dpo-k4"):
         row = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", md, re.M).group(1).split(" | ")
-        assert row == [f"{100 * by[name]['metrics'][f'bon@{n}']:.1f}" for n in (1, 2, 4, 8)]
+        m, iv = by[name]["metrics"], by[name]["intervals"]
+        assert row == [f"{100 * m[f'bon@{n}']:.1f} [{100 * iv[f'bon@{n}'][0]:.1f}, {100 * iv[f'bon@{n}'][1]:.1f}]"
+                       for n in (1, 2, 4, 8)]
+        diff = by[name]["differences"]["bon@4 - majority@4"]
+        lo, hi = diff["interval"]
+        assert f"{100 * diff['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] vs majority@4" in md
     lik = saved["baseline_likelihood"]
     assert set(lik) == set(base) and lik["pass@1"] == base["pass@1"]
-    # The step-level table: every PRM and both baselines, thresholds from the validation split,
-    # report.md's numbers those of report.json.
+    # The step-level table: every PRM and both baselines, thresholds from the validation split
+    # (one per seed), report.md's numbers those of report.json.
     sl = saved["step_level"]
     assert sl["labels"]["responses"] == 8 * 8 and sl["validation"] == {"problems": 6, "samples_per_problem": 4}
     assert sl["labels"]["with_error"] + sl["labels"]["without_error"] == 64
@@ -119,20 +136,28 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
     rows = {**{name: by[name]["step_level"] for name in by}, **{f"{n} (no PRM)": m for n, m in sl["baselines"].items()}}
     for name, m in rows.items():
         assert m["threshold_from"] == "validation" and m["with_error"] == sl["labels"]["with_error"]
+        assert len(m["by_seed"]["threshold"]) == (1 if "no PRM" in name else 2)
         got = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", step_md, re.M).group(1).split(" | ")
-        pct = ["-" if m[k] is None else f"{100 * m[k]:.1f}" for k in ("f1", "error_accuracy", "correct_accuracy",
-                                                                       "step_auc")]
-        assert got == pct + [f"{m['threshold']:.4g}"]
+
+        def cell(k, m=m):
+            iv = m["intervals"].get(k)
+            return "-" if m[k] is None else f"{100 * m[k]:.1f}" + (
+                f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]" if iv else "")
+
+        assert got == [cell(k) for k in ("f1", "error_accuracy", "correct_accuracy", "step_auc")] + [
+            " / ".join(f"{t:.4g}" for t in m["by_seed"]["threshold"])]
     for f in ("step_rewards.png", "f1_threshold.png", "step_curves.json"):
         assert (run / f).stat().st_size > 0, f
-    assert {s["stage"] for s in saved["stages"]} >= {"train rollouts", "test rollouts", "train ce-k4", "eval ce-k4",
-                                                    "validation rollouts", "eval ce-k4 (validation)"}
+    assert {s["stage"] for s in saved["stages"]} >= {"train rollouts", "test rollouts", "train ce-k4 (seed 0)",
+                                                    "train ce-k4 (seed 1)", "eval dpo-k4 (seed 1)",
+                                                    "validation rollouts", "eval ce-k4 (validation, seed 1)"}
     assert report["results"] == saved["results"]
 
     # Submitting again reuses every stage and gives the same numbers.
     again = scale_responses.main(argv)
     assert all(s["reused"] for s in again["stages"]), again["stages"]
-    assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in saved["results"]]
+    assert [(r["metrics"], r["intervals"]) for r in again["results"]] == \
+        [(r["metrics"], r["intervals"]) for r in saved["results"]]
 
 
 def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_session, shared_runs, tmp_path):
@@ -156,7 +181,7 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     by = {r["name"]: r for r in report["results"]}
     assert set(by) == {"ce-k4", "math-shepherd-hard"}
     stages = {s["stage"]: s for s in report["stages"]}
-    assert stages["train ce-k4"]["reused"]  # trained by the scale_responses study above
+    assert stages["train ce-k4 (seed 0)"]["reused"]  # trained by the scale_responses study above
     ms, ce = by["math-shepherd-hard"], by["ce-k4"]
     assert ms["reference"] is False and ms["reference_at_inference"] is False and ms["responses_per_instruction"] == 2
     assert set(ms["metrics"]) == set(ce["metrics"])

@@ -63,9 +63,9 @@ from prm_ray.stages.runtime import init_ray
 from prm_ray.tasks import Task
 from prm_ray.tokens import encode_pair
 
-__all__ = ["LABEL_COLUMNS", "STEP_REPORT", "StepEvalConfig", "label_steps", "label_summary", "plot_step_eval",
-           "processbench_dataset", "random_rewards", "rewards_from_scores", "run_step_eval", "scorer_report",
-           "step_level", "task_of"]
+__all__ = ["LABEL_COLUMNS", "STEP_COUNTS", "STEP_REPORT", "StepEvalConfig", "label_steps", "label_summary",
+           "plot_step_eval", "processbench_dataset", "random_rewards", "rewards_from_scores", "run_step_eval",
+           "scorer_report", "step_accuracies", "step_counts", "step_level", "task_of"]
 
 STEP_REPORT = "step_report.json"
 LABEL_COLUMNS = ["instruction_id", "sample_index", "prompt", "response", "correct", "steps", "first_error_true",
@@ -323,6 +323,37 @@ def step_level(test_labels: pa.Table, test_rewards: list[list[float]], *, val_la
         v = process_metrics(val_rewards, val_labels.column("first_error_true").to_pylist(), threshold)
         out["validation_f1"] = v["f1"]
     return {"metrics": out, "curves": curves}
+
+
+STEP_COUNTS = ("error_found", "with_error", "no_error_found", "without_error")
+
+
+def step_counts(labels: pa.Table, rewards: list[list[float]], threshold: float,
+                problems: list[str]) -> dict[str, np.ndarray]:
+    """The counts behind :func:`process_metrics` per problem (``problems``: instruction ids, the
+    order of the study's per-problem arrays), so the step-level accuracies can be bootstrapped
+    over problems like every other metric (:meth:`prm_ray.core.stats.Bootstrap.ratio_summary`)."""
+    at = {iid: i for i, iid in enumerate(problems)}
+    out = {k: np.zeros(len(problems)) for k in STEP_COUNTS}
+    for iid, r, e in zip(labels.column("instruction_id").to_pylist(), rewards,
+                         labels.column("first_error_true").to_pylist()):
+        if iid not in at:
+            raise ValueError(f"step labels hold instruction {iid!r}, which the scored test problems do not")
+        i, pred = at[iid], first_below(r, threshold)
+        if e >= 0:
+            out["with_error"][i] += 1
+            out["error_found"][i] += pred == e
+        else:
+            out["without_error"][i] += 1
+            out["no_error_found"][i] += pred == -1
+    return out
+
+
+def step_accuracies(totals: dict[str, float]) -> dict[str, float | None]:
+    """``error_accuracy``, ``correct_accuracy`` and ``f1`` of summed :data:`STEP_COUNTS`."""
+    err = totals["error_found"] / totals["with_error"] if totals["with_error"] else None
+    ok = totals["no_error_found"] / totals["without_error"] if totals["without_error"] else None
+    return {"f1": harmonic_mean(err, ok), "error_accuracy": err, "correct_accuracy": ok}
 
 
 def predicted_table(labels: pa.Table, rewards: list[list[float]], threshold: float) -> pa.Table:

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from prm_ray.artifacts import write_json
 from prm_ray.core.objectives import OBJECTIVES
 
-__all__ = ["cost_ratios", "markdown", "write_report"]
+__all__ = ["ci", "cost_ratios", "markdown", "signed", "step_cell", "thresholds", "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -24,6 +24,23 @@ def _ns(report: dict) -> list[int]:
     return sorted(int(k.split("@")[1]) for k in keys if k.startswith("bon@"))
 
 
+def ci(x: float | None, interval: list[float] | None = None) -> str:
+    """A percentage with its interval when there is one: ``72.0 [68.9, 75.1]``."""
+    if interval is None or x is None or (isinstance(x, float) and math.isnan(x)):
+        return _pct(x)
+    return f"{_pct(x)} [{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+def signed(d: dict) -> str:
+    """A paired difference in points with its interval: ``+1.3 [-0.9, +3.6]``."""
+    lo, hi = d["interval"]
+    return f"{100 * d['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _cell(r: dict, key: str) -> str:
+    return ci(r["metrics"][key], (r.get("intervals") or {}).get(key))
+
+
 def _table(report: dict, kind: str, ns: list[int]) -> list[str]:
     head = "| reward model | " + " | ".join(f"@{n}" for n in ns) + " |"
     lines = [head, "|---|" + "---|" * len(ns)]
@@ -31,7 +48,32 @@ def _table(report: dict, kind: str, ns: list[int]) -> list[str]:
         if r["metrics"] is None:
             lines.append(f"| {r['name']} | " + " | ".join("n/a" for _ in ns) + " |")
         else:
-            lines.append(f"| {r['name']} | " + " | ".join(_pct(r["metrics"][f"{kind}@{n}"]) for n in ns) + " |")
+            lines.append(f"| {r['name']} | " + " | ".join(_cell(r, f"{kind}@{n}") for n in ns) + " |")
+    return lines
+
+
+def _baseline_cell(report: dict, which: str, key: str) -> str:
+    return ci(report[which][key], (report.get(f"{which}_intervals") or {}).get(key))
+
+
+def _differences(report: dict, ns: list[int]) -> list[str]:
+    """Paired differences of every row against majority voting and the policy's likelihood."""
+    rows = [r for r in report["results"] if r.get("differences")]
+    if not rows:
+        return []
+    iv = report.get("intervals") or {}
+    lines = ["", "## Differences against the baselines (paired over the same test problems)", "",
+             f"Percentage points, mean over seeds, {100 * iv.get('level', 0.95):.0f}% interval in brackets: each "
+             "bootstrap draw resamples the test problems for both sides and the row's training seeds. An interval "
+             "above zero means the reward model beats the baseline beyond the noise of problems and seeds.", ""]
+    for title, fmt in (("Best-of-N minus majority voting", "bon@{n} - majority@{n}"),
+                       ("Best-of-N minus best-of-N by the policy's likelihood", "bon@{n} - policy likelihood bon@{n}"),
+                       ("Weighted voting minus majority voting", "weighted_mv@{n} - majority@{n}")):
+        keys = [(n, fmt.format(n=n)) for n in ns if n > 1]
+        lines += [f"{title}:", "", "| reward model | " + " | ".join(f"@{n}" for n, _ in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        lines += [f"| {r['name']} | " + " | ".join(signed(r["differences"][k]) for _, k in keys) + " |" for r in rows]
+        lines.append("")
     return lines
 
 
@@ -67,18 +109,28 @@ def markdown(report: dict) -> str:
             continue
         m = r["metrics"]
         cost = f"; build cost {_pf(r['compute']['build_flops'])} PFLOP" if r.get("compute") else ""
-        lines.append(f"- **{r['name']}**: best-of-{n} {_pct(m[f'bon@{n}'])} "
-                     f"({100 * (m[f'bon@{n}'] - base['pass@1']):+.1f} vs pass@1, "
-                     f"{100 * (m[f'bon@{n}'] - base[f'majority@{n}']):+.1f} vs majority@{n}); "
-                     f"weighted voting@{n} {_pct(m[f'weighted_mv@{n}'])}{cost}")
+        d = r.get("differences") or {}
+        vs = (f"{signed(d[f'bon@{n} - majority@{n}'])} vs majority@{n}" if f"bon@{n} - majority@{n}" in d
+              else f"{100 * (m[f'bon@{n}'] - base[f'majority@{n}']):+.1f} vs majority@{n}")
+        seeds = f" ({len(r['seeds'])} seeds: " + ", ".join(_pct(x) for x in r["by_seed"][f"bon@{n}"]) + ")" \
+            if r.get("by_seed") else ""
+        lines.append(f"- **{r['name']}**: best-of-{n} {_cell(r, f'bon@{n}')}{seeds}; "
+                     f"{100 * (m[f'bon@{n}'] - base['pass@1']):+.1f} vs pass@1, {vs}; "
+                     f"weighted voting@{n} {_cell(r, f'weighted_mv@{n}')}{cost}")
+    iv = report.get("intervals")
     lines += ["", "## Best-of-N (rows: reward model; columns: N)", ""]
+    if iv:
+        lines += [f"Mean over training seeds; in brackets the {100 * iv['level']:.0f}% interval ({iv['method']}, "
+                  f"{iv['draws']} draws, seed {iv['seed']}).", ""]
     lines += _table(report, "bon", ns)
-    lik = report.get("baseline_likelihood")
-    if lik:
-        lines.append("| policy log-likelihood (no PRM) | " + " | ".join(_pct(lik[f"bon@{k}"]) for k in ns) + " |")
-    lines += ["| majority voting | " + " | ".join(_pct(base[f"majority@{k}"]) for k in ns) + " |",
-              "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _pct(base[f"pass@{k}"]) for k in ns) + " |",
-              "| pass@1 | " + " | ".join(_pct(base["pass@1"]) for _ in ns) + " |"]
+    if report.get("baseline_likelihood"):
+        lines.append("| policy log-likelihood (no PRM) | "
+                     + " | ".join(_baseline_cell(report, "baseline_likelihood", f"bon@{k}") for k in ns) + " |")
+    lines += ["| majority voting | " + " | ".join(_baseline_cell(report, "baseline", f"majority@{k}") for k in ns) + " |",
+              "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _baseline_cell(report, "baseline", f"pass@{k}")
+                                                 for k in ns) + " |",
+              "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
+    lines += _differences(report, ns)
     lines += _step_section(report)
     lines += ["", "## Weighted majority voting", ""]
     lines += _table(report, "weighted_mv", ns)
@@ -112,6 +164,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def step_cell(m: dict, key: str) -> str:
+    return ci(m[key], (m.get("intervals") or {}).get(key))
+
+
+def thresholds(m: dict) -> str:
+    return " / ".join(f"{t:.4g}" for t in (m.get("by_seed") or {}).get("threshold", [m["threshold"]]))
+
+
 def _step_section(report: dict) -> list[str]:
     """The step-level table: does each reward model's step reward find the first wrong step?"""
     sl = report.get("step_level")
@@ -130,6 +190,8 @@ def _step_section(report: dict) -> list[str]:
              f"flagged, on responses without; F1 their harmonic mean. Each threshold is chosen on {val['problems']} "
              f"validation problems x {val['samples_per_problem']} (never on test). *Step AUC*: P(a right step "
              f"before a first error scores above that first wrong step), no threshold. In %.", "",
+             "Mean over training seeds, with the interval over problems and seeds for the accuracies; the step AUC "
+             "is the mean of the seeds' (listed in report.json). Thresholds: each seed's own.", "",
              "| reward model | F1 | error acc. | correct acc. | step AUC | threshold |", "|---|---|---|---|---|---|"]
     rows = [(r["name"], r.get("step_level")) for r in report["results"]]
     rows += [(f"{name} (no PRM)", m) for name, m in sl["baselines"].items()]
@@ -137,8 +199,9 @@ def _step_section(report: dict) -> list[str]:
         if m is None:
             lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a |")
             continue
-        lines.append(f"| {name} | {_pct(m['f1'])} | {_pct(m['error_accuracy'])} | {_pct(m['correct_accuracy'])} | "
-                     f"{_pct(m['step_auc'])} | {m['threshold']:.4g} |")
+        lines.append(f"| {name} | " + " | ".join(step_cell(m, k) for k in ("f1", "error_accuracy", "correct_accuracy",
+                                                                           "step_auc"))
+                     + f" | {thresholds(m)} |")
     kinds = [k for k in sl["kinds"] if lab["by_kind"].get(k)]
     if kinds:
         lines += ["", "First wrong step found exactly, by its kind (error acc. in %; responses in brackets):", "",
@@ -228,7 +291,9 @@ def compute_plots(report: dict, out: Path) -> list[Path]:
     for r in rows:
         explicit = _explicit(r)
         x, y = r["compute"]["build_flops"], 100 * r["metrics"][f"bon@{n}"]
-        ax.scatter([x], [y], marker="s" if explicit else "o", s=60, color="#cc6677" if explicit else "#4477aa")
+        lo, hi = (100 * v for v in (r.get("intervals") or {}).get(f"bon@{n}", (y / 100, y / 100)))
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], marker="s" if explicit else "o", ms=7, capsize=3,
+                    color="#cc6677" if explicit else "#4477aa")
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
     ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
@@ -269,13 +334,19 @@ def plots(report: dict, out: Path) -> list[Path]:
     paths = []
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
+    def band(values: dict, intervals: dict | None, key: str, **style) -> None:
+        line = ax.plot(ns, [100 * values[f"{key}@{n}"] for n in ns], **style)[0]
+        if intervals:  # the shaded band: each N's interval over problems and seeds
+            ax.fill_between(ns, [100 * intervals[f"{key}@{n}"][0] for n in ns],
+                            [100 * intervals[f"{key}@{n}"][1] for n in ns], color=line.get_color(), alpha=0.12)
+
     for r in report["results"]:
         if r["metrics"] is not None:
-            ax.plot(ns, [100 * r["metrics"][f"bon@{n}"] for n in ns], marker="o", label=r["name"])
-    ax.plot(ns, [100 * base[f"majority@{n}"] for n in ns], "k--", label="majority voting")
+            band(r["metrics"], r.get("intervals"), "bon", marker="o", label=r["name"])
+    band(base, report.get("baseline_intervals"), "majority", color="k", ls="--", label="majority voting")
     if report.get("baseline_likelihood"):
-        lik = report["baseline_likelihood"]
-        ax.plot(ns, [100 * lik[f"bon@{n}"] for n in ns], color="grey", ls="-.", label="policy log-likelihood")
+        band(report["baseline_likelihood"], report.get("baseline_likelihood_intervals"), "bon", color="grey",
+             ls="-.", label="policy log-likelihood")
     ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -295,17 +366,19 @@ def plots(report: dict, out: Path) -> list[Path]:
     groups: dict[str, list] = {}
     for r in report["results"]:
         if r["metrics"] is not None and axis in r["axis"]:
-            groups.setdefault(r["axis"].get("series", r["objective"]), []).append(
-                (r["axis"][axis], 100 * r["metrics"][f"bon@{n}"]))
+            y = 100 * r["metrics"][f"bon@{n}"]
+            lo, hi = (100 * v for v in (r.get("intervals") or {}).get(f"bon@{n}", (y / 100, y / 100)))
+            groups.setdefault(r["axis"].get("series", r["objective"]), []).append((r["axis"][axis], y, y - lo, hi - y))
     categorical = False
     for name, pts in groups.items():
         pts.sort(key=lambda p: (str(type(p[0])), p[0]))
         categorical = categorical or any(isinstance(p[0], str) for p in pts)
-        ax.plot([str(p[0]) if categorical else p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.errorbar([str(p[0]) if categorical else p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3, label=name)
     ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
     ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
     ax.set_xlabel(axis)
-    ax.set_ylabel(f"best-of-{n} accuracy (%)")
+    ax.set_ylabel(f"best-of-{n} accuracy (%)" + (", with intervals" if report.get("intervals") else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,24 +19,37 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from prm_ray.artifacts import check_settings, data_dir, load_rollouts, read_json, write_json, write_timing
+from prm_ray.artifacts import (
+    check_settings,
+    data_dir,
+    load_rollouts,
+    read_json,
+    read_prm_card,
+    write_json,
+    write_timing,
+)
 from prm_ray.config import ConfigError, save_config, to_dict
 from prm_ray.core.flops import forward_flops
+from prm_ray.core.stats import Bootstrap
 from prm_ray.models import count_parameters
 from prm_ray.policy.bootstrap import bootstrap
-from prm_ray.stages.evaluate import evaluate_prm, metrics, problems_from_scores, reference_logprobs
+from prm_ray.stages.evaluate import evaluate_prm, per_problem, problems_from_scores, reference_logprobs, score_scale
 from prm_ray.stages.rollout import EngineConfig, RolloutConfig, VerifierConfig, run_rollouts
 from prm_ray.stages.runtime import init_ray, measure
 from prm_ray.stages.shepherd import run_shepherd
 from prm_ray.stages.step_eval import (
+    STEP_COUNTS,
     label_steps,
     label_summary,
     plot_step_eval,
     random_rewards,
     rewards_from_scores,
+    step_accuracies,
+    step_counts,
     step_level,
     task_of,
 )
@@ -45,7 +58,7 @@ from prm_ray.study.accounting import RolloutTokens, prm_compute
 from prm_ray.study.report import write_report
 from prm_ray.study.specs import PRMSpec, StudyConfig, reference_dir, rollout_dir, stage_hash, train_config
 
-__all__ = ["RolloutSet", "StageRecord", "run_study"]
+__all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "run_study", "summarize"]
 
 Log = Callable[[str], Any]
 
@@ -233,12 +246,11 @@ def step_truth_stage(cfg: StudyConfig, test: RolloutSet, ref_test: Path, params:
 
 
 def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval_dir: Path, infer_ref: bool,
-              run_dir: Path, log: Log) -> tuple[dict, StageRecord]:
+              val_dir: Path, log: Log) -> tuple[dict, StageRecord]:
     """A PRM's step-level result (:func:`step_level`, plus its ``test_rewards`` for the plots):
     scored on the validation responses for its threshold, measured on the test responses' scores
     that the evaluation made."""
     st = inputs.steps
-    val_dir = run_dir / "eval-validation" / spec.name
     with measure() as t:
         ev = evaluate_prm(tc_out, st.ref_validation if infer_ref else st.validation.path, val_dir,
                           replace(cfg.eval, use_reference=infer_ref), overwrite=cfg.overwrite)
@@ -248,17 +260,92 @@ def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval
     res["test_rewards"] = test_r
     m = res["metrics"]
     log(f"{spec.name}: first wrong step found: F1 {_fmt(m['f1'])}, step AUC {_fmt(m['step_auc'])}")
-    return res, StageRecord(f"eval {spec.name} (validation)", t["wall_s"], ev["reused"], cpu_s=t["cpu_s"])
+    return res, StageRecord(f"eval {spec.name} (validation, seed {val_dir.name.removeprefix('seed-')})",
+                            t["wall_s"], ev["reused"], cpu_s=t["cpu_s"])
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
-              log: Log) -> tuple[dict, list[StageRecord], dict | None]:
-    """Train and evaluate one row; returns its report entry, its stage records and its step-level
-    result with curves and rewards (None without a step-level table)."""
+@dataclass
+class SeedRun:
+    """One training seed of a row: its report entry, stage records, per-problem metric values (in
+    the order of ``problems``, sorted instruction ids) and step-level result (None without one)."""
+
+    result: dict
+    records: list[StageRecord]
+    values: dict[str, np.ndarray]
+    problems: list[str]
+    step: dict | None
+
+
+@dataclass
+class Row:
+    """A row of the study: its report entry and every seed's run (none for an undefined cell)."""
+
+    result: dict
+    runs: list[SeedRun]
+
+    @property
+    def records(self) -> list[StageRecord]:
+        return [r for run in self.runs for r in run.records]
+
+
+def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, seed: int, log: Log) -> SeedRun:
+    """Train and evaluate one row with one training seed."""
+    train_with_ref, infer_ref = spec.uses_reference(cfg)
+    tc = train_config(cfg, spec, inputs.labels.path if spec.explicit else inputs.train.path, inputs.ref_train, seed)
+    log(f"{spec.name} (seed {seed}): training -> {tc.out}")
+    with measure() as train_time:
+        report = train_prm(tc)
+    if not report["reused"]:
+        write_timing(Path(tc.out), "train", train_time)
+    ecfg = replace(cfg.eval, use_reference=infer_ref)
+    log(f"{spec.name} (seed {seed}): evaluating on {inputs.test.summary['instructions']} test problems x "
+        f"{cfg.test_rollouts.sampling.n}")
+    eval_dir = run_dir / "eval" / spec.name / f"seed-{seed}"
+    with measure() as eval_time:
+        ev = evaluate_prm(tc.out, inputs.ref_test if infer_ref else inputs.test.path, eval_dir, ecfg,
+                          overwrite=cfg.overwrite)
+    if not ev["reused"]:
+        write_timing(eval_dir, "eval", eval_time)
+    problems = problems_from_scores(eval_dir / "scores", cfg.eval.aggregation, ev.get("votes_by", "answer_group"))
+    values = per_problem(problems, cfg.eval, score_scale(read_prm_card(tc.out)))
+    m = ev["metrics"]
+    log(f"{spec.name} (seed {seed}): bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
+        f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
+    tokens = float(report["compute"]["trained_tokens"])
+    compute = prm_compute(
+        params=inputs.params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
+        rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=inputs.labels.path if spec.explicit else None,
+        labels_timing=((inputs.labels.summary.get("timing") or {}).get("total") if spec.explicit else None),
+        reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
+        reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=eval_dir)
+    records = [
+        StageRecord(f"train {spec.name} (seed {seed})", train_time["wall_s"], report["reused"],
+                    cpu_s=train_time["cpu_s"],
+                    flops=compute["stages"]["training"]["flops"]
+                    + compute["stages"].get("reference log-probs", {}).get("flops", 0.0),
+                    details={"train_tokens": tokens}),
+        StageRecord(f"eval {spec.name} (seed {seed})", eval_time["wall_s"], ev["reused"], cpu_s=eval_time["cpu_s"],
+                    flops=compute["stages"]["scoring"]["flops"]),
+    ]
+    step = None
+    if inputs.steps is not None:
+        step, record = _step_row(cfg, spec, inputs, tc.out, eval_dir, infer_ref,
+                                 run_dir / "eval-validation" / spec.name / f"seed-{seed}", log)
+        records.append(record)
+    ds = report.get("dataset", {})
+    result = {"seed": seed, "prm": tc.out, "eval_dir": str(eval_dir), "metrics": m, "compute": compute,
+              "train": {"examples": report.get("examples"), "steps": report.get("steps"),
+                        "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")}}
+    return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step)
+
+
+def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, log: Log) -> Row:
+    """Train and evaluate one row once per training seed (``cfg.seeds``). Its numbers across the
+    seeds (means, intervals) are filled in by :func:`summarize`, which sees every row."""
     train_with_ref, infer_ref = spec.uses_reference(cfg)
     k = spec.responses_per_instruction
     if spec.explicit:
@@ -270,51 +357,84 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
              "train_overrides": spec.train_overrides, "axis": spec.axis}
     if spec.undefined:
         log(f"{spec.name}: not defined ({spec.undefined})")
-        return {**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, [], None
-    tc = train_config(cfg, spec, inputs.labels.path if spec.explicit else inputs.train.path, inputs.ref_train)
-    log(f"{spec.name}: training -> {tc.out}")
-    with measure() as train_time:
-        report = train_prm(tc)
-    if not report["reused"]:
-        write_timing(Path(tc.out), "train", train_time)
-    ecfg = replace(cfg.eval, use_reference=infer_ref)
-    log(f"{spec.name}: evaluating on {inputs.test.summary['instructions']} test problems x "
-        f"{cfg.test_rollouts.sampling.n}")
-    eval_dir = run_dir / "eval" / spec.name
-    with measure() as eval_time:
-        ev = evaluate_prm(tc.out, inputs.ref_test if infer_ref else inputs.test.path, eval_dir, ecfg,
-                          overwrite=cfg.overwrite)
-    if not ev["reused"]:
-        write_timing(eval_dir, "eval", eval_time)
-    m = ev["metrics"]
-    log(f"{spec.name}: bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
-        f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
-    tokens = float(report["compute"]["trained_tokens"])
-    compute = prm_compute(
-        params=inputs.params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
-        rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=inputs.labels.path if spec.explicit else None,
-        labels_timing=((inputs.labels.summary.get("timing") or {}).get("total") if spec.explicit else None),
-        reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
-        reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=eval_dir)
-    records = [
-        StageRecord(f"train {spec.name}", train_time["wall_s"], report["reused"], cpu_s=train_time["cpu_s"],
-                    flops=compute["stages"]["training"]["flops"]
-                    + compute["stages"].get("reference log-probs", {}).get("flops", 0.0),
-                    details={"train_tokens": tokens}),
-        StageRecord(f"eval {spec.name}", eval_time["wall_s"], ev["reused"], cpu_s=eval_time["cpu_s"],
-                    flops=compute["stages"]["scoring"]["flops"]),
-    ]
-    step = None
-    if inputs.steps is not None:
-        step, record = _step_row(cfg, spec, inputs, tc.out, eval_dir, infer_ref, run_dir, log)
-        records.append(record)
-    ds = report.get("dataset", {})
-    result = {**entry, "status": "ok", "prm": tc.out, "metrics": m, "compute": compute,
-              "step_level": step and step["metrics"],
-              "train": {"examples": report.get("examples"), "steps": report.get("steps"),
-                        "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")},
-              "eval_dir": str(eval_dir)}
-    return result, records, step
+        return Row({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, [])
+    runs = [prm_stage(cfg, spec, inputs, run_dir, seed, log) for seed in cfg.seeds]
+    first = runs[0].result
+    # Build cost and training sizes: the first seed's (the seeds differ only in order and sampling).
+    return Row({**entry, "status": "ok", "seeds": list(cfg.seeds), "prm": first["prm"], "compute": first["compute"],
+                "train": first["train"], "runs": [r.result for r in runs]}, runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Means and intervals over seeds and problems
+# ---------------------------------------------------------------------------------------------
+
+
+def _interval_fields(summaries: dict[str, dict]) -> dict:
+    """``metrics`` (means), ``intervals`` and ``by_seed`` of per-metric :class:`Bootstrap` summaries."""
+    return {"metrics": {k: s["mean"] for k, s in summaries.items()},
+            "intervals": {k: s["interval"] for k, s in summaries.items()},
+            "by_seed": {k: s["seeds"] for k, s in summaries.items()}}
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    return None if any(x is None for x in xs) else float(np.mean(xs))
+
+
+def _step_summary(boot: Bootstrap, key: str, per_seed: list[dict], labels: pa.Table, problems: list[str]) -> dict:
+    """A scorer's step-level numbers over its seeds (one seed for a baseline): means; a bootstrap
+    interval over problems and seeds for the accuracies (ratios of counts); per-seed values of
+    everything, thresholds included (each seed's own, chosen on validation)."""
+    metrics = [s["metrics"] for s in per_seed]
+    counts = [step_counts(labels, s["test_rewards"], m["threshold"], problems) for s, m in zip(per_seed, metrics)]
+    out = {**metrics[0], "by_kind": {k: dict(v) for k, v in metrics[0]["by_kind"].items()}, "seeds": len(metrics)}
+    out["intervals"], out["by_seed"] = {}, {}
+    for name in ("f1", "error_accuracy", "correct_accuracy"):
+        summ = boot.ratio_summary({c: np.stack([x[c] for x in counts]) for c in STEP_COUNTS},
+                                  lambda t, name=name: step_accuracies(t)[name], f"{key}:step")
+        out[name], out["intervals"][name], out["by_seed"][name] = summ["mean"], summ["interval"], summ["seeds"]
+    for name in ("step_auc", "threshold", "validation_f1"):
+        out["by_seed"][name] = [m.get(name) for m in metrics]
+        if name != "threshold":
+            out[name] = _mean(out["by_seed"][name])
+    for kind, v in out["by_kind"].items():
+        v["error_accuracy"] = _mean([m["by_kind"][kind]["error_accuracy"] for m in metrics])
+        v["f1"] = _mean([m["by_kind"][kind]["f1"] for m in metrics])
+    for c in ("error_found", "no_error_found", "predicted_early", "predicted_late"):
+        out["by_seed"][c] = [m[c] for m in metrics]
+        out[c] = float(np.mean(out["by_seed"][c]))
+    return out
+
+
+def summarize(cfg: StudyConfig, rows: list[Row], baselines: dict[str, tuple[list[str], dict[str, np.ndarray]]],
+              steps: StepTruth | None) -> Bootstrap:
+    """Fill every row's ``metrics`` (the mean over its seeds), ``intervals``, ``by_seed`` and
+    ``differences`` (paired, against majority voting and the policy's likelihood) in place, and its
+    ``step_level`` summary; returns the study's :class:`Bootstrap` (one set of problem draws)."""
+    ids = next(iter(baselines.values()))[0]
+    for name, run in [(n, (i, v)) for n, (i, v) in baselines.items()] + \
+            [(r.result["name"], (x.problems, x.values)) for r in rows for x in r.runs]:
+        if run[0] != ids:
+            raise ValueError(f"{name}: scored on other test problems than the policy baselines ({len(run[0])} vs "
+                             f"{len(ids)}); every row of a study must score the same test rollouts")
+    boot = Bootstrap(len(ids), draws=cfg.intervals.draws, seed=cfg.intervals.seed, level=cfg.intervals.level)
+    ns = sorted(int(k.split("@")[1]) for k in baselines["majority"][1] if k.startswith("bon@"))
+    for row in rows:
+        if not row.runs:
+            continue
+        name = row.result["name"]
+        values = {k: np.stack([r.values[k] for r in row.runs]) for k in row.runs[0].values}
+        row.result.update(_interval_fields({k: boot.summary(v, name) for k, v in values.items()}))
+        diffs = {}
+        for n in ns:
+            for mine, base, other in ((f"bon@{n}", "majority", f"majority@{n}"), (f"weighted_mv@{n}", "majority",
+                                      f"majority@{n}"), (f"bon@{n}", "likelihood", f"bon@{n}")):
+                label = f"{mine} - {'policy likelihood ' if base == 'likelihood' else ''}{other}"
+                diffs[label] = boot.difference(values[mine], baselines[base][1][other], name, base)
+        row.result["differences"] = diffs
+        if steps is not None:
+            row.result["step_level"] = _step_summary(boot, name, [r.step for r in row.runs], steps.test_labels, ids)
+    return boot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +442,11 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path,
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_report(cfg: StudyConfig, steps: StepTruth | None, rows: dict[str, dict], run_dir: Path,
-                 skipped: str | None) -> dict:
+def _step_report(cfg: StudyConfig, steps: StepTruth | None, rows: list[Row], run_dir: Path, skipped: str | None,
+                 boot: Bootstrap, problems: list[str]) -> dict:
     """The study's step-level section: the ground truth, the two baselines (the policy's per-step
     log-likelihood, a random scorer), each scored with its own validation threshold, and the plots
-    of every row (``rows``: each PRM's :func:`_step_row`; their curves go to ``step_curves.json``)."""
+    of every row's first seed (their curves go to ``step_curves.json``)."""
     if steps is None:
         return {"skipped": skipped}
     test_r = {"policy log-likelihood": steps.test_labels.column("likelihood_step_rewards").to_pylist(),
@@ -335,15 +455,18 @@ def _step_report(cfg: StudyConfig, steps: StepTruth | None, rows: dict[str, dict
              "random": random_rewards(steps.val_labels, cfg.eval.seed)}
     baselines = {name: step_level(steps.test_labels, test_r[name], val_labels=steps.val_labels,
                                   val_rewards=val_r[name], kinds=steps.kinds) for name in test_r}
-    scorers = {**{n: {"metrics": r["metrics"], "curves": r["curves"]} for n, r in rows.items()}, **baselines}
-    rewards = {**{n: r["test_rewards"] for n, r in rows.items()}, **test_r}
+    firsts = {r.result["name"]: r.runs[0].step for r in rows if r.runs}
+    scorers = {**{n: {"metrics": s["metrics"], "curves": s["curves"]} for n, s in firsts.items()}, **baselines}
+    rewards = {**{n: s["test_rewards"] for n, s in firsts.items()}, **test_r}
     plot_step_eval(scorers, steps.test_labels, rewards, run_dir)
     write_json(run_dir / "step_curves.json", {n: s["curves"] for n, s in scorers.items()})
+    summaries = {name: _step_summary(boot, name, [{**b, "test_rewards": test_r[name]}], steps.test_labels, problems)
+                 for name, b in baselines.items()}
     return {"labels": label_summary(steps.test_labels, steps.kinds),
             "validation_labels": label_summary(steps.val_labels, steps.kinds),
             "validation": {"problems": steps.validation.summary["instructions"],
                            "samples_per_problem": cfg.validation_rollouts.sampling.n},
-            "kinds": list(steps.kinds), "baselines": {n: b["metrics"] for n, b in baselines.items()}}
+            "kinds": list(steps.kinds), "baselines": summaries}
 
 
 def _resolved(cfg: StudyConfig) -> StudyConfig:
@@ -415,24 +538,34 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
 
     # Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
     # best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
-    baseline = metrics(problems_from_scores(_zero_scores(test.path), "min"), cfg.eval)
-    likelihood = metrics(problems_from_scores(_likelihood_scores(ref_test), "min"), cfg.eval)
+    baselines = {}
+    for name, table in (("majority", _zero_scores(test.path)), ("likelihood", _likelihood_scores(ref_test))):
+        problems = problems_from_scores(table, "min")
+        baselines[name] = ([p["instruction_id"] for p in problems], per_problem(problems, cfg.eval))
 
-    results, step_rows = [], {}
+    rows = []
     for spec in specs:
-        result, spec_records, step = prm_stage(cfg, spec, inputs, run_dir, log)
-        results.append(result)
-        records += spec_records
-        if step is not None:
-            step_rows[spec.name] = step
-    step_report = _step_report(cfg, steps, step_rows, run_dir, no_steps)
+        row = row_stage(cfg, spec, inputs, run_dir, log)
+        rows.append(row)
+        records += row.records
+    boot = summarize(cfg, rows, baselines, steps)
+    base, lik = ({k: boot.summary(v, name) for k, v in baselines[name][1].items()} for name in ("majority", "likelihood"))
+    step_report = _step_report(cfg, steps, rows, run_dir, no_steps, boot, baselines["majority"][0])
     total = time.time() - t_start
     out = {
         "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
-        "results": results, "baseline": baseline, "baseline_likelihood": likelihood, "config": to_dict(cfg),
+        "results": [r.result for r in rows],
+        "baseline": {k: s["mean"] for k, s in base.items()},
+        "baseline_intervals": {k: s["interval"] for k, s in base.items()},
+        "baseline_likelihood": {k: s["mean"] for k, s in lik.items()},
+        "baseline_likelihood_intervals": {k: s["interval"] for k, s in lik.items()},
+        "intervals": {"level": cfg.intervals.level, "draws": cfg.intervals.draws, "seed": cfg.intervals.seed,
+                      "method": "percentile bootstrap: test problems resampled (paired across rows), each row's "
+                                "training seeds resampled"},
+        "config": to_dict(cfg),
         "seeds": {"rollouts_train": cfg.train_rollouts.sampling.seed, "rollouts_test": cfg.test_rollouts.sampling.seed,
-                  "dataset": cfg.train.dataset.seed, "train": cfg.train.seed, "eval": cfg.eval.seed,
-                  "policy": cfg.bootstrap.seed},
+                  "training (train.seed = train.dataset.seed)": list(cfg.seeds), "eval": cfg.eval.seed,
+                  "policy": cfg.bootstrap.seed, "bootstrap": cfg.intervals.seed},
         "stages": [r.to_json() for r in records], "wall_seconds": total, "policy_params": params,
         "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
                  "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
