@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu
 POLICY ?= artifacts/policy
 
-.PHONY: install lint test check demo baselines policy constraints config-docs clean-venv
+.PHONY: install lint test check demo paper baselines policy constraints config-docs clean-venv
 
 install: $(STAMP)
 
@@ -30,7 +30,9 @@ check: lint test
 # the job server itself: `ray status` also succeeds for a local cluster started by `ray.init()` (a
 # test or a benchmark), which has no job server to submit to.
 # JOB: any study in jobs/ (scale_responses, scale_instructions, compare_objectives, compare_baselines).
+# DEMO_CONFIG: the study's size (configs/demo.yaml: one training seed, 150 test problems).
 DEMO_ARGS ?=
+DEMO_CONFIG ?= configs/demo.yaml
 JOB ?= scale_responses
 RUNS ?= $(CURDIR)/runs
 demo: $(STAMP)
@@ -40,10 +42,26 @@ demo: $(STAMP)
 	  echo "starting a local Ray head (ray stop to stop it)"; \
 	  ray start --head --disable-usage-stats >/dev/null && started=1 || exit 1; \
 	fi; \
-	ray job submit --working-dir . -- python jobs/$(JOB).py \
+	ray job submit --working-dir . -- python jobs/$(JOB).py --config $(DEMO_CONFIG) \
 	  --runs_dir "$(RUNS)" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
 	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; \
 	if [ $$rc = 0 ]; then echo "report: $(RUNS)/$(JOB)/report.md"; fi; exit $$rc
+
+# Every table and figure of the paper (docs/evaluation.md, "make paper"): the four studies at
+# full size (configs/paper/: 3 training seeds, 500 test problems) one after another in one runs
+# directory, so each reuses what the others made; run it again to resume (finished stages are
+# reused). Then each report, its plots and its resolved config are copied to docs/results/paper/.
+# Hours on 2 CPU cores; each stage prints a line when it starts and the report its wall time.
+PAPER_RUNS ?= $(CURDIR)/runs-paper
+PAPER_STUDIES ?= scale_responses compare_objectives compare_baselines scale_instructions
+PAPER_RESULTS ?= docs/results/paper
+paper: $(STAMP)
+	@for job in $(PAPER_STUDIES); do \
+	  echo "== make paper: $$job (configs/paper/$$job.yaml), $$(date -u '+%F %T') UTC"; \
+	  $(MAKE) --no-print-directory demo JOB=$$job RUNS="$(PAPER_RUNS)" DEMO_CONFIG=configs/paper/$$job.yaml || exit 1; \
+	  mkdir -p $(PAPER_RESULTS)/$$job && cp $(PAPER_RUNS)/$$job/report.md $(PAPER_RUNS)/$$job/report.json \
+	    $(PAPER_RUNS)/$$job/config.yaml $(PAPER_RUNS)/$$job/*.png $(PAPER_RESULTS)/$$job/ || exit 1; \
+	done; echo "== make paper: done, $$(date -u '+%F %T') UTC; results in $(PAPER_RESULTS)"
 
 # The implicit PRM against Math-Shepherd, with compute (docs/baselines.md).
 baselines:

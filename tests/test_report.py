@@ -42,3 +42,43 @@ def test_report_files_and_numbers(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["results"][1]["metrics"] is None
     for png in ("bon_vs_n.png", "scaling.png", "stages.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(name, bon, reference=False, infer=False, **extra):
+    return {"name": name, "objective": "ce", "responses_per_instruction": 8, "instruction_fraction": 1.0,
+            "balance": "none", "reference": reference, "reference_at_inference": infer, "status": "ok",
+            "axis": {"objective": name}, "metrics": _metrics(bon), "train": {"examples": 10, "steps": 2}, **extra}
+
+
+def test_intervals_differences_and_the_reference_grid(tmp_path):
+    """Every cell carries its interval; the differences table and Table 4's 2x2 come from the same dict."""
+    iv = {k: [v - 0.05, v + 0.04] for k, v in _metrics(0.8).items()}
+    diff = {f"{k}@{n} - {b}": {"mean": 0.2, "interval": [0.1, 0.3]}
+            for n in (1, 2, 4) for k, b in (("bon", f"majority@{n}"), ("weighted_mv", f"majority@{n}"),
+                                            ("bon", f"policy likelihood bon@{n}"))}
+    rows = [_row("ce", 0.8, intervals=iv, differences=diff, seeds=[0, 1], by_seed={"bon@4": [0.75, 0.85]}),
+            _row("ce_ref_on_on", 0.6, True, True), _row("ce_ref_on_off", 0.7, True, False),
+            _row("ce_ref_off_on", 0.65, False, True)]
+    report = {
+        "study": "s", "title": "t", "axis": "objective", "headline_n": 4, "results": rows,
+        "baseline": _metrics(0.5), "baseline_intervals": {k: [0.4, 0.6] for k in _metrics(0.5)},
+        "baseline_likelihood": _metrics(0.7),
+        "intervals": {"level": 0.95, "draws": 2000, "seed": 0, "method": "bootstrap"},
+        "config": {"policy": "p", "eval": {"protocol": "first", "aggregation": "min", "vote_coef": 0.001}},
+        "seeds": {"train": [0, 1]}, "stages": [], "wall_seconds": 3.0, "policy_params": 1000,
+        "test": {"problems": 2, "samples_per_problem": 4, "split": "test", "task": "arith"},
+        "train_rollouts": {"instructions": 3, "responses": 24, "responses_per_instruction": 8, "pass@1": 0.5},
+    }
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| ce | 80.0 [75.0, 84.0] | 80.0 [75.0, 84.0] | 80.0 [75.0, 84.0] |" in md
+    assert "| majority voting | 55.0 [40.0, 60.0] |" in md
+    assert "best-of-4 80.0 [75.0, 84.0] (2 seeds: 75.0, 85.0)" in md and "+20.0 [+10.0, +30.0] vs majority@4" in md
+    assert "| ce | +20.0 [+10.0, +30.0] | +20.0 [+10.0, +30.0] |" in md  # @2, @4 of each differences table
+    grid = md.split("paper Table 4")[1]
+    assert "| on | 60.0 (ce_ref_on_on) | 70.0 (ce_ref_on_off) |" in grid
+    assert "| off | 65.0 (ce_ref_off_on) | 80.0 [75.0, 84.0] (ce) |" in grid
+    # Without the fourth cell there is no grid.
+    report["results"] = rows[:3]
+    write_report(report, tmp_path)
+    assert "paper Table 4" not in (tmp_path / "report.md").read_text()

@@ -131,6 +131,7 @@ def markdown(report: dict) -> str:
                                                  for k in ns) + " |",
               "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
     lines += _differences(report, ns)
+    lines += _reference_section(report)
     lines += _step_section(report)
     lines += ["", "## Weighted majority voting", ""]
     lines += _table(report, "weighted_mv", ns)
@@ -170,6 +171,36 @@ def step_cell(m: dict, key: str) -> str:
 
 def thresholds(m: dict) -> str:
     return " / ".join(f"{t:.4g}" for t in (m.get("by_seed") or {}).get("threshold", [m["threshold"]]))
+
+
+def reference_grid(report: dict) -> dict[tuple[bool, bool], dict]:
+    """Table 4's cells: the plain CE rows (no balancing, every instruction and response) by
+    (reference in training, reference at inference)."""
+    n = report["headline_n"]
+    full = (report.get("train_rollouts") or {}).get("responses_per_instruction")
+    cells = {}
+    for r in report["results"]:
+        if r["metrics"] is None or r["objective"] != "ce" or r["balance"] != "none" or r["instruction_fraction"] != 1.0:
+            continue
+        if full is not None and r["responses_per_instruction"] != full:
+            continue
+        cells.setdefault((bool(r["reference"]), bool(r["reference_at_inference"])), r)
+    return cells if len(cells) == 4 and all(f"bon@{n}" in c["metrics"] for c in cells.values()) else {}
+
+
+def _reference_section(report: dict) -> list[str]:
+    """Table 4 as the paper lays it out: the reference model in training x at inference."""
+    cells = reference_grid(report)
+    if not cells:
+        return []
+    n = report["headline_n"]
+    lines = ["", f"## The reference model in training and at inference (paper Table 4; best-of-{n})", "",
+             "| reference in training | at inference: on | at inference: off |", "|---|---|---|"]
+    for train in (True, False):
+        lines.append(f"| {'on' if train else 'off'} | "
+                     + " | ".join(f"{_cell(cells[(train, infer)], f'bon@{n}')} ({cells[(train, infer)]['name']})"
+                                  for infer in (True, False)) + " |")
+    return lines
 
 
 def _step_section(report: dict) -> list[str]:

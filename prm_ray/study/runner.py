@@ -570,6 +570,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
                  "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
         "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
+                           "responses_per_instruction": cfg.train_rollouts.sampling.n,
                            "pass@1": train.summary["pass@1"]},
         "step_level": step_report,
     }
