@@ -171,15 +171,24 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     from prm_ray.tokens import prompt_token_counts
 
     policy = tiny_trained_policy[0].out
-    cfg = {**_tiny(policy, shared_runs), "objectives": ["ce"], "shepherd_labels": ["hard"],
-           "shepherd": {"completions_per_step": 2, "responses_per_instruction": 2, "shard_size": 32}}
+    # A second generator (paper Table 1): the same policy sampled hotter, reranked by every PRM.
+    cfg = {**_tiny(policy, shared_runs), "objectives": ["ce"], "shepherd_labels": ["hard", "exact"],
+           "shepherd": {"completions_per_step": 2, "responses_per_instruction": 2, "shard_size": 32},
+           "generators": [{"name": "hot", "temperature": 1.5}]}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     report = compare_baselines.main(["--config", str(tmp_path / "cfg.json")])
     run = shared_runs / "compare_baselines"
     for f in ("report.md", "report.json", "accuracy_vs_flops.png", "cost.png"):
         assert (run / f).stat().st_size > 0, f
     by = {r["name"]: r for r in report["results"]}
-    assert set(by) == {"ce-k4", "math-shepherd-hard"}
+    assert set(by) == {"ce-k4", "math-shepherd-hard", "math-shepherd-exact"}
+    # The exact-label row trains the same objective on the step checker's labels of the same
+    # responses: no completions, so no cost ratio (it bounds Math-Shepherd's accuracy, not its cost).
+    exact = by["math-shepherd-exact"]
+    assert exact["label_method"] == "exact" and exact["objective"] == "math-shepherd-hard"
+    assert exact["compute"]["stages"]["step-label completions"]["flops"] == 0
+    assert exact["compute"]["stages"]["generation"]["responses"] == 48 * 2
+    assert stages["Math-Shepherd step labels (exact)"]["generated_tokens"] == 0
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["train ce-k4 (seed 0)"]["reused"]  # trained by the scale_responses study above
     ms, ce = by["math-shepherd-hard"], by["ce-k4"]
@@ -215,6 +224,19 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     ratio = ms["compute"]["build_flops"] / ce["compute"]["build_flops"]
     md = (run / "report.md").read_text()
     assert f"**math-shepherd-hard** costs **{ratio:.1f}x** the build FLOPs of **ce-k4**" in md
+    assert "**math-shepherd-exact** costs" not in md
+
+    # Every row reranks the hot generator's responses of the same problems, with its own baselines.
+    hot = report["generators"]["hot"]
+    assert hot["temperature"] == 1.5 and hot["policy"] == str(Path(policy).resolve())
+    assert 0 <= hot["pass@1"] <= 1 and hot["baseline"]["pass@1"] == pytest.approx(hot["pass@1"])
+    assert stages["test rollouts (hot)"]["instructions"] == 8
+    for r in (ce, ms):
+        g = r["generators"]["hot"]
+        assert set(g["metrics"]) == set(r["metrics"]) and g["by_seed"]["bon@4"] == [pytest.approx(g["metrics"]["bon@4"])]
+        table = md.split("### hot")[1].split("\n\n")[1]
+        lo, hi = g["intervals"]["bon@4"]
+        assert f"| {r['name']} | " in table and f"{100 * g['metrics']['bon@4']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in table
 
     again = compare_baselines.main(["--config", str(tmp_path / "cfg.json")])
     assert all(s["reused"] for s in again["stages"]), again["stages"]

@@ -113,7 +113,7 @@ def markdown(report: dict) -> str:
         vs = (f"{signed(d[f'bon@{n} - majority@{n}'])} vs majority@{n}" if f"bon@{n} - majority@{n}" in d
               else f"{100 * (m[f'bon@{n}'] - base[f'majority@{n}']):+.1f} vs majority@{n}")
         seeds = f" ({len(r['seeds'])} seeds: " + ", ".join(_pct(x) for x in r["by_seed"][f"bon@{n}"]) + ")" \
-            if r.get("by_seed") else ""
+            if len(r.get("seeds") or []) > 1 else ""
         lines.append(f"- **{r['name']}**: best-of-{n} {_cell(r, f'bon@{n}')}{seeds}; "
                      f"{100 * (m[f'bon@{n}'] - base['pass@1']):+.1f} vs pass@1, {vs}; "
                      f"weighted voting@{n} {_cell(r, f'weighted_mv@{n}')}{cost}")
@@ -131,6 +131,7 @@ def markdown(report: dict) -> str:
                                                  for k in ns) + " |",
               "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
     lines += _differences(report, ns)
+    lines += _generator_section(report, ns)
     lines += _reference_section(report)
     lines += _step_section(report)
     lines += ["", "## Weighted majority voting", ""]
@@ -171,6 +172,38 @@ def step_cell(m: dict, key: str) -> str:
 
 def thresholds(m: dict) -> str:
     return " / ".join(f"{t:.4g}" for t in (m.get("by_seed") or {}).get("threshold", [m["threshold"]]))
+
+
+def _generator_section(report: dict, ns: list[int]) -> list[str]:
+    """Paper Table 1's columns: the same reward models reranking other generators' responses."""
+    gens = report.get("generators") or {}
+    if not gens:
+        return []
+    show = [n for n in ns if n in (4, 16, 64)] or ns
+    lines = ["", "## Other generators (paper Table 1: one reward model, responses of generators of different "
+                 "strength)", "",
+             "Each generator samples the same test problems; the reward models are the ones above (trained on the "
+             "study's policy, with its reference). Best-of-N, mean over seeds with the interval; in brackets after "
+             "the last column: best-of-N minus majority voting (paired).", ""]
+    for name, g in gens.items():
+        t = "" if g.get("temperature") is None else f", temperature {g['temperature']}"
+        lines += [f"### {name} (`{g['policy']}`{t}; pass@1 {_pct(g['pass@1'])})", "",
+                  "| reward model | " + " | ".join(f"@{n}" for n in show) + f" | @{show[-1]} - majority |",
+                  "|---|" + "---|" * (len(show) + 1)]
+        for r in report["results"]:
+            x = (r.get("generators") or {}).get(name)
+            if x is None:
+                lines.append(f"| {r['name']} | " + " | ".join("n/a" for _ in show) + " | n/a |")
+                continue
+            lines.append(f"| {r['name']} | " + " | ".join(_cell(x, f"bon@{n}") for n in show)
+                         + f" | {signed(x['differences'][f'bon@{show[-1]} - majority@{show[-1]}'])} |")
+        lines += ["| policy log-likelihood (no PRM) | "
+                  + " | ".join(_baseline_cell(g, "baseline_likelihood", f"bon@{n}") for n in show) + " | |",
+                  "| majority voting | " + " | ".join(_baseline_cell(g, "baseline", f"majority@{n}") for n in show)
+                  + " | |",
+                  "| pass@N (oracle) | " + " | ".join("-" if n == 1 else _baseline_cell(g, "baseline", f"pass@{n}")
+                                                     for n in show) + " | |", ""]
+    return lines
 
 
 def reference_grid(report: dict) -> dict[tuple[bool, bool], dict]:
@@ -266,7 +299,9 @@ def cost_ratios(report: dict) -> list[dict]:
     """Build cost (data collection + training FLOPs) of every Math-Shepherd PRM over every implicit
     CE PRM of the report (the paper: about 38.8x)."""
     rows = [r for r in report["results"] if r.get("compute")]
-    ms = [r for r in rows if _explicit(r)]
+    # An exact-label PRM's labels cost nothing here (a checker), so it has no cost ratio: it is the
+    # accuracy bound of Math-Shepherd's labels, not a way to make them.
+    ms = [r for r in rows if _explicit(r) and r.get("label_method", "monte_carlo") == "monte_carlo"]
     ce = [r for r in rows if r["objective"] == "ce"]
     return [{"explicit": m["name"], "implicit": c["name"],
              "ratio": m["compute"]["build_flops"] / c["compute"]["build_flops"]}

@@ -32,11 +32,11 @@ from prm_ray.artifacts import (
     write_json,
     write_timing,
 )
-from prm_ray.config import ConfigError, save_config, to_dict
+from prm_ray.config import ConfigError, from_dict, merge, save_config, to_dict
 from prm_ray.core.flops import forward_flops
 from prm_ray.core.stats import Bootstrap
 from prm_ray.models import count_parameters
-from prm_ray.policy.bootstrap import bootstrap
+from prm_ray.policy.bootstrap import BootstrapConfig, bootstrap
 from prm_ray.stages.evaluate import evaluate_prm, per_problem, problems_from_scores, reference_logprobs, score_scale
 from prm_ray.stages.rollout import EngineConfig, RolloutConfig, VerifierConfig, run_rollouts
 from prm_ray.stages.runtime import init_ray, measure
@@ -56,7 +56,15 @@ from prm_ray.stages.step_eval import (
 from prm_ray.stages.train.driver import train_prm
 from prm_ray.study.accounting import RolloutTokens, prm_compute
 from prm_ray.study.report import write_report
-from prm_ray.study.specs import PRMSpec, StudyConfig, reference_dir, rollout_dir, stage_hash, train_config
+from prm_ray.study.specs import (
+    GeneratorConfig,
+    PRMSpec,
+    StudyConfig,
+    reference_dir,
+    rollout_dir,
+    stage_hash,
+    train_config,
+)
 
 __all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "run_study", "summarize"]
 
@@ -119,9 +127,11 @@ def policy_stage(cfg: StudyConfig, log: Log) -> StageRecord:
     return StageRecord("policy", time.time() - t0, True)
 
 
-def rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log: Log) -> RolloutSet:
+def rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, log: Log,
+                  policy: str | None = None) -> RolloutSet:
+    """Rollouts of ``policy`` (None: the study's)."""
     rc = copy.deepcopy(rc)
-    rc.model = cfg.policy
+    rc.model = policy or cfg.policy
     rc.ray_address = cfg.ray_address or rc.ray_address
     out = rollout_dir(cfg, rc)
     rc.out = str(out)
@@ -139,9 +149,11 @@ def rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, 
     return RolloutSet(out, summary, tokens, record)
 
 
-def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log) -> LabelSet:
-    """Math-Shepherd step labels of the training rollouts (``cfg.shepherd``), keyed like a rollout set."""
+def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log, method: str = "monte_carlo") -> LabelSet:
+    """Step labels of the training rollouts (``cfg.shepherd`` with ``method``: Math-Shepherd's
+    completions, or the task's checker), keyed like a rollout set."""
     sc = copy.deepcopy(cfg.shepherd)
+    sc.method = method
     sc.rollouts, sc.model = str(train.path), cfg.policy
     # Left at their defaults, the completions run on the training rollouts' engine and verifier
     # pools: the same policy sampling the same kind of text (on a cluster: the GPU nodes).
@@ -155,13 +167,13 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log) -
         key.pop(name)
     out = Path(cfg.runs_dir) / "shepherd" / f"{train.path.name}-{stage_hash(key)}"
     sc.out = str(out)
-    log(f"Math-Shepherd labels: {sc.completions_per_step} completions per step of "
-        f"{sc.responses_per_instruction or 'all'} responses per instruction -> {out}")
+    how = f"{sc.completions_per_step} completions per step" if method == "monte_carlo" else "the step checker"
+    log(f"step labels ({method}): {how} on {sc.responses_per_instruction or 'all'} responses per instruction -> {out}")
     with measure() as m:
         summary = run_shepherd(sc)
     lab = load_rollouts(out, columns=["completion_prompt_tokens", "completion_generated_tokens"])
     prompt, generated = (sum(lab.column(c).to_pylist()) for c in lab.column_names)
-    record = StageRecord("Math-Shepherd step labels", m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
+    record = StageRecord("Math-Shepherd step labels" + ("" if method == "monte_carlo" else f" ({method})"), m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
                          flops=forward_flops(params, prompt + generated),
                          details={"prompt_tokens": prompt, "generated_tokens": generated, "responses": lab.num_rows})
     return LabelSet(out, summary, record)
@@ -212,16 +224,51 @@ class StepTruth:
 
 
 @dataclass
+class Generator:
+    """Another generator's test responses (paper Table 1) with the PRMs' reference log-probs of them."""
+
+    name: str
+    policy: str
+    temperature: float | None
+    test: RolloutSet
+    ref_test: Path
+
+
+def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:
+    """A generator's policy (bootstrapped when missing and asked for), its test rollouts (the same
+    problems as the study's) and the reference pass over them (the likelihood baseline, PRMs scored
+    with the reference)."""
+    policy, records = g.policy or cfg.policy, []
+    if g.policy and not (Path(policy) / "config.json").exists() and (g.bootstrap or cfg.bootstrap_if_missing):
+        if cfg.train_rollouts.task != "arith":
+            raise ConfigError(f"generators: {g.name!r}: no model at {policy}, and only the arith policy can be "
+                              "bootstrapped")
+        bcfg = from_dict(BootstrapConfig, merge(to_dict(cfg.bootstrap), {**g.bootstrap, "out": policy}))
+        log(f"generator {g.name}: no model at {policy}; bootstrapping one there ({g.bootstrap or 'the study bootstrap'})")
+        t0 = time.time()
+        card = bootstrap(bcfg)
+        records.append(StageRecord(f"policy ({g.name})", time.time() - t0, bool(card.get("reused")),
+                                   details={"train_seconds": card["train"]["train_seconds"]}))
+    rc = copy.deepcopy(cfg.test_rollouts)
+    if g.temperature is not None:
+        rc.sampling.temperature = g.temperature
+    test = rollout_stage(cfg, rc, f"test rollouts ({g.name})", count_parameters(policy), log, policy=policy)
+    ref, record = reference_stage(cfg, test, cfg.eval.dtype, f"test, {g.name}", params, log)
+    return Generator(g.name, policy, g.temperature, test, ref), records + [test.record, record]
+
+
+@dataclass
 class Inputs:
     """What every row of a study shares: the data, the reference caches and the policy's size."""
 
     params: int
     train: RolloutSet
     test: RolloutSet
-    labels: LabelSet | None
+    labels: dict[str, LabelSet]  # by label method (PRMSpec.label_method)
     ref_test: Path
     ref_train: Path | None
     steps: StepTruth | None = None
+    generators: list[Generator] = field(default_factory=list)
 
 
 def step_truth_stage(cfg: StudyConfig, test: RolloutSet, ref_test: Path, params: int,
@@ -278,6 +325,7 @@ class SeedRun:
     values: dict[str, np.ndarray]
     problems: list[str]
     step: dict | None
+    generators: dict[str, tuple[list[str], dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -295,7 +343,8 @@ class Row:
 def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, seed: int, log: Log) -> SeedRun:
     """Train and evaluate one row with one training seed."""
     train_with_ref, infer_ref = spec.uses_reference(cfg)
-    tc = train_config(cfg, spec, inputs.labels.path if spec.explicit else inputs.train.path, inputs.ref_train, seed)
+    labels = inputs.labels[spec.label_method] if spec.explicit else None
+    tc = train_config(cfg, spec, labels.path if labels else inputs.train.path, inputs.ref_train, seed)
     log(f"{spec.name} (seed {seed}): training -> {tc.out}")
     with measure() as train_time:
         report = train_prm(tc)
@@ -310,16 +359,17 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
                           overwrite=cfg.overwrite)
     if not ev["reused"]:
         write_timing(eval_dir, "eval", eval_time)
+    scale = score_scale(read_prm_card(tc.out))
     problems = problems_from_scores(eval_dir / "scores", cfg.eval.aggregation, ev.get("votes_by", "answer_group"))
-    values = per_problem(problems, cfg.eval, score_scale(read_prm_card(tc.out)))
+    values = per_problem(problems, cfg.eval, scale)
     m = ev["metrics"]
     log(f"{spec.name} (seed {seed}): bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
         f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
     tokens = float(report["compute"]["trained_tokens"])
     compute = prm_compute(
         params=inputs.params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
-        rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=inputs.labels.path if spec.explicit else None,
-        labels_timing=((inputs.labels.summary.get("timing") or {}).get("total") if spec.explicit else None),
+        rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=labels.path if labels else None,
+        labels_timing=((labels.summary.get("timing") or {}).get("total") if labels else None),
         reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
         reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=eval_dir)
     records = [
@@ -336,11 +386,22 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
         step, record = _step_row(cfg, spec, inputs, tc.out, eval_dir, infer_ref,
                                  run_dir / "eval-validation" / spec.name / f"seed-{seed}", log)
         records.append(record)
+    generators = {}
+    for gen in inputs.generators:
+        gdir = run_dir / "eval-generators" / gen.name / spec.name / f"seed-{seed}"
+        with measure() as t:
+            gev = evaluate_prm(tc.out, gen.ref_test if infer_ref else gen.test.path, gdir, ecfg, overwrite=cfg.overwrite)
+        gp = problems_from_scores(gdir / "scores", cfg.eval.aggregation, gev.get("votes_by", "answer_group"))
+        generators[gen.name] = ([p["instruction_id"] for p in gp], per_problem(gp, cfg.eval, scale))
+        log(f"{spec.name} (seed {seed}): on generator {gen.name}: bon@{cfg.headline_n} "
+            f"{gev['metrics'][f'bon@{cfg.headline_n}']:.3f}")
+        records.append(StageRecord(f"eval {spec.name} (seed {seed}, generator {gen.name})", t["wall_s"], gev["reused"],
+                                   cpu_s=t["cpu_s"]))
     ds = report.get("dataset", {})
     result = {"seed": seed, "prm": tc.out, "eval_dir": str(eval_dir), "metrics": m, "compute": compute,
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                         "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")}}
-    return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step)
+    return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step, generators)
 
 
 def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, log: Log) -> Row:
@@ -355,6 +416,8 @@ def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, lo
              "instruction_fraction": spec.instruction_fraction, "balance": spec.balance,
              "reference": train_with_ref, "reference_at_inference": infer_ref,
              "train_overrides": spec.train_overrides, "axis": spec.axis}
+    if spec.explicit:
+        entry["label_method"] = spec.label_method
     if spec.undefined:
         log(f"{spec.name}: not defined ({spec.undefined})")
         return Row({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, [])
@@ -406,32 +469,56 @@ def _step_summary(boot: Bootstrap, key: str, per_seed: list[dict], labels: pa.Ta
     return out
 
 
-def summarize(cfg: StudyConfig, rows: list[Row], baselines: dict[str, tuple[list[str], dict[str, np.ndarray]]],
-              steps: StepTruth | None) -> Bootstrap:
-    """Fill every row's ``metrics`` (the mean over its seeds), ``intervals``, ``by_seed`` and
-    ``differences`` (paired, against majority voting and the policy's likelihood) in place, and its
-    ``step_level`` summary; returns the study's :class:`Bootstrap` (one set of problem draws)."""
-    ids = next(iter(baselines.values()))[0]
-    for name, run in [(n, (i, v)) for n, (i, v) in baselines.items()] + \
-            [(r.result["name"], (x.problems, x.values)) for r in rows for x in r.runs]:
-        if run[0] != ids:
-            raise ValueError(f"{name}: scored on other test problems than the policy baselines ({len(run[0])} vs "
+def _row_numbers(boot: Bootstrap, name: str, runs: list[tuple[list[str], dict[str, np.ndarray]]],
+                 baselines: dict[str, tuple[list[str], dict[str, np.ndarray]]]) -> dict:
+    """A row's ``metrics`` (the mean over its seeds), ``intervals``, ``by_seed`` and ``differences``
+    (paired, against majority voting and the policy's likelihood) on one test set."""
+    ids = baselines["majority"][0]
+    for problems, _ in runs:
+        if problems != ids:
+            raise ValueError(f"{name}: scored on other test problems than the policy baselines ({len(problems)} vs "
                              f"{len(ids)}); every row of a study must score the same test rollouts")
+    values = {k: np.stack([v[k] for _, v in runs]) for k in runs[0][1]}
+    out = _interval_fields({k: boot.summary(v, name) for k, v in values.items()})
+    ns = sorted(int(k.split("@")[1]) for k in values if k.startswith("bon@"))
+    out["differences"] = {}
+    for n in ns:
+        for mine, base, other in ((f"bon@{n}", "majority", f"majority@{n}"), (f"weighted_mv@{n}", "majority",
+                                  f"majority@{n}"), (f"bon@{n}", "likelihood", f"bon@{n}")):
+            label = f"{mine} - {'policy likelihood ' if base == 'likelihood' else ''}{other}"
+            out["differences"][label] = boot.difference(values[mine], baselines[base][1][other], name, base)
+    return out
+
+
+def baseline_numbers(boot: Bootstrap, baselines: dict[str, tuple[list[str], dict[str, np.ndarray]]]) -> dict:
+    """The policy-only baselines of one test set: ``baseline`` (pass@k, majority voting) and
+    ``baseline_likelihood`` (best-of-N by the policy's likelihood), with ``..._intervals``."""
+    out = {}
+    for name, field_name in (("majority", "baseline"), ("likelihood", "baseline_likelihood")):
+        summ = {k: boot.summary(v, name) for k, v in baselines[name][1].items()}
+        out[field_name] = {k: x["mean"] for k, x in summ.items()}
+        out[f"{field_name}_intervals"] = {k: x["interval"] for k, x in summ.items()}
+    return out
+
+
+Baselines = dict[str, tuple[list[str], dict[str, np.ndarray]]]
+
+
+def summarize(cfg: StudyConfig, rows: list[Row], baselines: Baselines, steps: StepTruth | None,
+              generator_baselines: dict[str, Baselines] | None = None) -> Bootstrap:
+    """Fill every row's numbers (:func:`_row_numbers`) in place: on the study's test set, on each
+    other generator's (``generators``), and its ``step_level`` summary; returns the study's
+    :class:`Bootstrap` (one set of problem draws, shared by every test set: the same problems)."""
+    ids = baselines["majority"][0]
     boot = Bootstrap(len(ids), draws=cfg.intervals.draws, seed=cfg.intervals.seed, level=cfg.intervals.level)
-    ns = sorted(int(k.split("@")[1]) for k in baselines["majority"][1] if k.startswith("bon@"))
     for row in rows:
         if not row.runs:
             continue
         name = row.result["name"]
-        values = {k: np.stack([r.values[k] for r in row.runs]) for k in row.runs[0].values}
-        row.result.update(_interval_fields({k: boot.summary(v, name) for k, v in values.items()}))
-        diffs = {}
-        for n in ns:
-            for mine, base, other in ((f"bon@{n}", "majority", f"majority@{n}"), (f"weighted_mv@{n}", "majority",
-                                      f"majority@{n}"), (f"bon@{n}", "likelihood", f"bon@{n}")):
-                label = f"{mine} - {'policy likelihood ' if base == 'likelihood' else ''}{other}"
-                diffs[label] = boot.difference(values[mine], baselines[base][1][other], name, base)
-        row.result["differences"] = diffs
+        row.result.update(_row_numbers(boot, name, [(r.problems, r.values) for r in row.runs], baselines))
+        if generator_baselines:
+            row.result["generators"] = {g: _row_numbers(boot, name, [r.generators[g] for r in row.runs], b)
+                                        for g, b in generator_baselines.items()}
         if steps is not None:
             row.result["step_level"] = _step_summary(boot, name, [r.step for r in row.runs], steps.test_labels, ids)
     return boot
@@ -484,6 +571,9 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
         cfg.policy = str(Path(cfg.policy).resolve())
     if cfg.reference_model and local(cfg.reference_model):
         cfg.reference_model = str(Path(cfg.reference_model).resolve())
+    for g in cfg.generators:
+        if g.policy and (local(g.policy) or g.bootstrap):
+            g.policy = str(Path(g.policy).resolve())
     return cfg
 
 
@@ -515,11 +605,12 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     train = rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
     test = rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
     records += [train.record, test.record]
-    # Math-Shepherd step labels of the training rollouts (only studies with an explicit PRM).
-    labels = None
-    if any(s.explicit and not s.undefined for s in specs):
-        labels = shepherd_stage(cfg, train, params, log)
-        records.append(labels.record)
+    # Step labels of the training rollouts (only studies with an explicit PRM): Math-Shepherd's,
+    # and the step checker's for an exact-label row.
+    labels = {}
+    for method in dict.fromkeys(s.label_method for s in specs if s.explicit and not s.undefined):
+        labels[method] = shepherd_stage(cfg, train, params, log, method)
+        records.append(labels[method].record)
     # Reference log-probs of the test responses, once: the likelihood baseline (the reference
     # itself as the reward model, paper Table 4) and every PRM scored with the reference read them.
     ref_test, record = reference_stage(cfg, test, cfg.eval.dtype, "test", params, log)
@@ -534,31 +625,40 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     # Step-level ground truth of the held-out responses (validation: where thresholds are chosen).
     steps, step_records, no_steps = step_truth_stage(cfg, test, ref_test, params, log)
     records += step_records
-    inputs = Inputs(params, train, test, labels, ref_test, ref_train, steps)
+    # Other generators' test responses (paper Table 1): every PRM also reranks them.
+    generators = []
+    for g in cfg.generators:
+        gen, gen_records = generator_stage(cfg, g, params, log)
+        generators.append(gen)
+        records += gen_records
+    inputs = Inputs(params, train, test, labels, ref_test, ref_train, steps, generators)
 
     # Policy-only baselines from the test rollouts (no PRM): pass@k, majority voting, and
     # best-of-N by the reference policy's own log-likelihood (free: its log-probs are cached).
-    baselines = {}
-    for name, table in (("majority", _zero_scores(test.path)), ("likelihood", _likelihood_scores(ref_test))):
-        problems = problems_from_scores(table, "min")
-        baselines[name] = ([p["instruction_id"] for p in problems], per_problem(problems, cfg.eval))
+    def policy_baselines(test_path: Path, ref_path: Path) -> Baselines:
+        out = {}
+        for name, table in (("majority", _zero_scores(test_path)), ("likelihood", _likelihood_scores(ref_path))):
+            problems = problems_from_scores(table, "min")
+            out[name] = ([p["instruction_id"] for p in problems], per_problem(problems, cfg.eval))
+        return out
+
+    baselines = policy_baselines(test.path, ref_test)
+    gen_baselines = {g.name: policy_baselines(g.test.path, g.ref_test) for g in generators}
 
     rows = []
     for spec in specs:
         row = row_stage(cfg, spec, inputs, run_dir, log)
         rows.append(row)
         records += row.records
-    boot = summarize(cfg, rows, baselines, steps)
-    base, lik = ({k: boot.summary(v, name) for k, v in baselines[name][1].items()} for name in ("majority", "likelihood"))
+    boot = summarize(cfg, rows, baselines, steps, gen_baselines)
     step_report = _step_report(cfg, steps, rows, run_dir, no_steps, boot, baselines["majority"][0])
     total = time.time() - t_start
     out = {
         "study": cfg.name, "title": title, "axis": axis_name, "headline_n": cfg.headline_n,
         "results": [r.result for r in rows],
-        "baseline": {k: s["mean"] for k, s in base.items()},
-        "baseline_intervals": {k: s["interval"] for k, s in base.items()},
-        "baseline_likelihood": {k: s["mean"] for k, s in lik.items()},
-        "baseline_likelihood_intervals": {k: s["interval"] for k, s in lik.items()},
+        **baseline_numbers(boot, baselines),
+        "generators": {g.name: {"policy": g.policy, "temperature": g.temperature, "pass@1": g.test.summary["pass@1"],
+                                **baseline_numbers(boot, gen_baselines[g.name])} for g in generators},
         "intervals": {"level": cfg.intervals.level, "draws": cfg.intervals.draws, "seed": cfg.intervals.seed,
                       "method": "percentile bootstrap: test problems resampled (paired across rows), each row's "
                                 "training seeds resampled"},

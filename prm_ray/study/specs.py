@@ -27,7 +27,7 @@ from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.driver import settings as train_settings
 from prm_ray.stages.train.examples import BALANCE_MODES
 
-__all__ = ["CompareBaselinesConfig", "CompareObjectivesConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
+__all__ = ["CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
            "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
 
@@ -86,6 +86,27 @@ class IntervalConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """Another generator whose test responses every PRM of the study also reranks, as the paper
+    scores the responses of three generation models with one PRM (Table 1). The PRMs are still
+    trained on, and take their reference from, the study's policy."""
+
+    name: str = param("other", "its column in the report")
+    policy: str | None = param(None, "its model: a local directory or a Hugging Face model id; null: the study's "
+                                     "policy (then set temperature)")
+    bootstrap: dict[str, Any] = param(factory=dict, help="when `policy` has no model (arith world): bootstrap one "
+                                                          "there with the study's `bootstrap` config changed by these "
+                                                          "fields (e.g. {steps: 300, eval: {temperature: 1.4}})")
+    temperature: float | None = param(None, "its sampling temperature; null: the test rollouts' (itself null: the "
+                                            "policy card's)")
+
+    def __post_init__(self) -> None:
+        if self.policy is None and self.temperature is None:
+            raise ConfigError(f"generators: {self.name!r} has neither a policy nor a temperature of its own: it "
+                              "would be the study's policy again")
+
+
+@dataclass
 class StudyConfig:
     """The shared setup of a study. The study fills in each stage's paths (``model``, ``out``,
     ``data``) itself; everything else in the nested configs is used as given."""
@@ -101,6 +122,9 @@ class StudyConfig:
     train_rollouts: RolloutConfig = param(factory=_train_rollouts, help="")
     test_rollouts: RolloutConfig = param(factory=_test_rollouts, help="")
     validation_rollouts: RolloutConfig = param(factory=_validation_rollouts, help="")
+    generators: list[GeneratorConfig] = param(factory=list, help="other generators whose test responses every PRM "
+                                                                 "also reranks (paper Table 1; YAML only): each "
+                                                                 "`name`, `policy`, `bootstrap`, `temperature`")
     step_eval: bool = param(True, "the step-level table: does each reward model's step reward find the first wrong "
                                   "step (needs a task with a step checker: arith; thresholds chosen on "
                                   "validation_rollouts)")
@@ -129,6 +153,9 @@ class StudyConfig:
         if self.step_eval and self.validation_rollouts.split in (self.train_rollouts.split, self.test_rollouts.split):
             raise ConfigError(f"validation_rollouts.split is {self.validation_rollouts.split!r}, a split the study "
                               "trains or tests on; step-level thresholds must be chosen on other problems")
+        names = [g.name for g in self.generators]
+        if len(set(names)) != len(names) or "policy" in names:
+            raise ConfigError(f"generators: names must be distinct and not 'policy' (the study's own), got {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) \
                 or any(isinstance(x, bool) or not isinstance(x, int) for x in self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
@@ -163,6 +190,7 @@ class PRMSpec:
     balance: str = "none"
     reference_train: bool | None = None  # None: the study's `train.use_reference`
     reference_infer: bool | None = None  # None: the study's `eval.use_reference`
+    label_method: str = "monte_carlo"  # an explicit PRM's step labels (ShepherdConfig.method)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # top-level TrainConfig fields for this row
     undefined: str | None = None  # set when the cell does not exist (e.g. DPO with 1 response)
     axis: dict[str, Any] = field(default_factory=dict)  # the study's axis value(s) for plots
@@ -340,7 +368,10 @@ class CompareBaselinesConfig(StudyConfig):
     name: str = "compare_baselines"
     objectives: list[str] = param(factory=lambda: ["ce", "dpo"], help="the implicit PRMs' objectives")
     responses: list[int] = param(factory=lambda: [2, 8], help="the implicit PRMs' responses per instruction")
-    shepherd_labels: list[str] = param(factory=lambda: ["hard", "soft"], help="Math-Shepherd PRMs: hard and/or soft")
+    shepherd_labels: list[str] = param(factory=lambda: ["hard", "soft"],
+                                       help="Math-Shepherd PRMs: hard and/or soft (labels from completions) and/or "
+                                            "exact (the step checker's labels of the same responses: the best any "
+                                            "completion estimate can do; arith only)")
     # Chosen on the validation split among lr {1e-4, 1e-3} x epochs {1, 3} for Math-Shepherd-hard:
     # best-of-16 39.6 / 42.6 / 45.9 / 48.5 (docs/baselines.md).
     shepherd_lr: float | None = param(1e-3, "the explicit PRMs' learning rate; null: train.lr (chosen for the "
@@ -353,9 +384,9 @@ class CompareBaselinesConfig(StudyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_implicit(self.objectives)
-        bad = [x for x in self.shepherd_labels if x not in ("hard", "soft")]
+        bad = [x for x in self.shepherd_labels if x not in ("hard", "soft", "exact")]
         if bad:
-            raise ConfigError(f"shepherd_labels must be 'hard' and/or 'soft', got {bad}")
+            raise ConfigError(f"shepherd_labels must be among 'hard', 'soft', 'exact', got {bad}")
         n = self.train_rollouts.sampling.n
         if any(k < 1 or k > n for k in self.responses):
             raise ConfigError(f"responses must be in 1..train_rollouts.sampling.n ({n}), got {self.responses}")
@@ -368,6 +399,10 @@ def compare_baselines_specs(cfg: CompareBaselinesConfig) -> list[PRMSpec]:
         spec.axis = {"method": f"implicit {spec.objective}", "series": "implicit PRM"}
     overrides = {k: v for k, v in (("lr", cfg.shepherd_lr), ("epochs", cfg.shepherd_epochs)) if v is not None}
     for kind in cfg.shepherd_labels:
+        if kind == "exact":  # exact labels are 0/1: the hard-label objective
+            specs.append(PRMSpec("math-shepherd-exact", objective="math-shepherd-hard", label_method="exact",
+                                 train_overrides=overrides, axis={"method": "exact step labels", "series": "Math-Shepherd"}))
+            continue
         specs.append(PRMSpec(f"math-shepherd-{kind}", objective=f"math-shepherd-{kind}", train_overrides=overrides,
                              axis={"method": f"Math-Shepherd ({kind})", "series": "Math-Shepherd"}))
     return specs
