@@ -188,8 +188,8 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     assert exact["label_method"] == "exact" and exact["objective"] == "math-shepherd-hard"
     assert exact["compute"]["stages"]["step-label completions"]["flops"] == 0
     assert exact["compute"]["stages"]["generation"]["responses"] == 48 * 2
-    assert stages["Math-Shepherd step labels (exact)"]["generated_tokens"] == 0
     stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["Math-Shepherd step labels (exact)"]["generated_tokens"] == 0
     assert stages["train ce-k4 (seed 0)"]["reused"]  # trained by the scale_responses study above
     ms, ce = by["math-shepherd-hard"], by["ce-k4"]
     assert ms["reference"] is False and ms["reference_at_inference"] is False and ms["responses_per_instruction"] == 2

@@ -131,6 +131,8 @@ def markdown(report: dict) -> str:
                                                  for k in ns) + " |",
               "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
     lines += _differences(report, ns)
+    if any(r.get("differences") for r in report["results"]):
+        lines += ["![differences](differences.png)", ""]
     lines += _generator_section(report, ns)
     lines += _reference_section(report)
     lines += _step_section(report)
@@ -406,9 +408,11 @@ def plots(report: dict, out: Path) -> list[Path]:
             ax.fill_between(ns, [100 * intervals[f"{key}@{n}"][0] for n in ns],
                             [100 * intervals[f"{key}@{n}"][1] for n in ns], color=line.get_color(), alpha=0.12)
 
+    # Only the baselines get bands: the rows' intervals overlap into a blur; their paired
+    # differences, which decide the comparisons, are differences.png.
     for r in report["results"]:
         if r["metrics"] is not None:
-            band(r["metrics"], r.get("intervals"), "bon", marker="o", label=r["name"])
+            band(r["metrics"], None, "bon", marker="o", label=r["name"])
     band(base, report.get("baseline_intervals"), "majority", color="k", ls="--", label="majority voting")
     if report.get("baseline_likelihood"):
         band(report["baseline_likelihood"], report.get("baseline_likelihood_intervals"), "bon", color="grey",
@@ -435,12 +439,18 @@ def plots(report: dict, out: Path) -> list[Path]:
             y = 100 * r["metrics"][f"bon@{n}"]
             lo, hi = (100 * v for v in (r.get("intervals") or {}).get(f"bon@{n}", (y / 100, y / 100)))
             groups.setdefault(r["axis"].get("series", r["objective"]), []).append((r["axis"][axis], y, y - lo, hi - y))
-    categorical = False
-    for name, pts in groups.items():
+    categorical = any(isinstance(p[0], str) for pts in groups.values() for p in pts)
+    xs = sorted({p[0] for pts in groups.values() for p in pts}, key=lambda x: (str(type(x)), x))
+    span = 1.0 if categorical or len(xs) < 2 else float(max(xs) - min(xs))
+    for i, (name, pts) in enumerate(groups.items()):
         pts.sort(key=lambda p: (str(type(p[0])), p[0]))
-        categorical = categorical or any(isinstance(p[0], str) for p in pts)
-        ax.errorbar([str(p[0]) if categorical else p[0] for p in pts], [p[1] for p in pts],
-                    yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3, label=name)
+        # Series side by side (dodged), so that their error bars do not hide each other.
+        shift = (i - (len(groups) - 1) / 2) * 0.02 * span
+        x = [xs.index(p[0]) + shift if categorical else p[0] + shift for p in pts]
+        ax.errorbar(x, [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3,
+                    label=name)
+    if categorical:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=20, fontsize=7)
     ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
     ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
     ax.set_xlabel(axis)
@@ -450,6 +460,28 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "scaling.png")
     fig.savefig(paths[-1], dpi=120)
+
+    rows = [r for r in report["results"] if r.get("differences")]
+    if rows:
+        fig = Figure(figsize=(6.5, 0.4 * len(rows) + 1.5))
+        ax = fig.subplots()
+        for i, r in enumerate(rows):
+            for j, (key, color, label) in enumerate(((f"bon@{n} - majority@{n}", "#4477aa", f"minus majority@{n}"),
+                                                     (f"bon@{n} - policy likelihood bon@{n}", "#cc6677",
+                                                      f"minus the policy likelihood's best-of-{n}"))):
+                d = r["differences"][key]
+                y, lo, hi = 100 * d["mean"], 100 * d["interval"][0], 100 * d["interval"][1]
+                ax.errorbar([y], [i + 0.15 * (2 * j - 1)], xerr=[[y - lo], [hi - y]], fmt="o", color=color, capsize=3,
+                            label=label if i == 0 else None)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"best-of-{n}: difference in points (paired, {100 * report['intervals']['level']:.0f}% interval)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        paths.append(out / "differences.png")
+        fig.savefig(paths[-1], dpi=120)
 
     fig = Figure(figsize=(7, 0.35 * len(report["stages"]) + 1.2))
 
