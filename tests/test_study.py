@@ -126,6 +126,8 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
         assert f"{100 * diff['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] vs majority@4" in md
     lik = saved["baseline_likelihood"]
     assert set(lik) == set(base) and lik["pass@1"] == base["pass@1"]
+    d = saved["baseline_likelihood_differences"]["bon@4 - majority@4"]
+    assert d["mean"] == pytest.approx(lik["bon@4"] - base["majority@4"])
     # The step-level table: every PRM and both baselines, thresholds from the validation split
     # (one per seed), report.md's numbers those of report.json.
     sl = saved["step_level"]
@@ -241,3 +243,26 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     again = compare_baselines.main(["--config", str(tmp_path / "cfg.json")])
     assert all(s["reused"] for s in again["stages"]), again["stages"]
     assert [r["compute"]["total_flops"] for r in again["results"]] == [r["compute"]["total_flops"] for r in report["results"]]
+
+
+def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_changed(tiny_trained_policy, tmp_path):
+    """Table 1's weaker generator: the study's bootstrap config with the generator's changes,
+    trained into its directory, and reused the next time."""
+    from prm_ray.config import to_dict
+    from prm_ray.study.runner import generator_policy
+
+    recipe = to_dict(tiny_trained_policy[0])
+    recipe.pop("out")
+    cfg = from_dict(ScaleResponsesConfig, {
+        "runs_dir": str(tmp_path), "bootstrap": recipe,
+        "generators": [{"name": "weak", "policy": str(tmp_path / "weak"), "bootstrap": {"steps": 5}}]})
+    policy, records = generator_policy(cfg, cfg.generators[0], print)
+    settings = json.loads((Path(policy) / "bootstrap_settings.json").read_text())
+    assert policy == str(tmp_path / "weak") and settings["steps"] == 5
+    assert settings["model"] == recipe["model"] and settings["arith"] == recipe["arith"]
+    assert [r.stage for r in records] == ["policy (weak)"] and not records[0].reused
+    assert generator_policy(cfg, cfg.generators[0], print)[1] == []  # it has a model now
+    with pytest.raises(ConfigError, match="neither a policy nor a temperature"):
+        from_dict(ScaleResponsesConfig, {"generators": [{"name": "same"}]})
+    with pytest.raises(ConfigError, match="distinct"):
+        from_dict(ScaleResponsesConfig, {"generators": [{"name": "policy", "temperature": 1.0}]})

@@ -73,6 +73,9 @@ def _differences(report: dict, ns: list[int]) -> list[str]:
         lines += [f"{title}:", "", "| reward model | " + " | ".join(f"@{n}" for n, _ in keys) + " |",
                   "|---|" + "---|" * len(keys)]
         lines += [f"| {r['name']} | " + " | ".join(signed(r["differences"][k]) for _, k in keys) + " |" for r in rows]
+        lik = report.get("baseline_likelihood_differences") or {}
+        if fmt.startswith("bon@{n} - majority") and lik:
+            lines.append("| policy log-likelihood (no PRM) | " + " | ".join(signed(lik[k]) for _, k in keys) + " |")
         lines.append("")
     return lines
 

@@ -234,10 +234,9 @@ class Generator:
     ref_test: Path
 
 
-def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:
-    """A generator's policy (bootstrapped when missing and asked for), its test rollouts (the same
-    problems as the study's) and the reference pass over them (the likelihood baseline, PRMs scored
-    with the reference)."""
+def generator_policy(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[str, list[StageRecord]]:
+    """A generator's model: its ``policy``, bootstrapped there (the study's ``bootstrap`` changed by
+    the generator's) when it has none and the study bootstraps or the generator asks to."""
     policy, records = g.policy or cfg.policy, []
     if g.policy and not (Path(policy) / "config.json").exists() and (g.bootstrap or cfg.bootstrap_if_missing):
         if cfg.train_rollouts.task != "arith":
@@ -249,6 +248,14 @@ def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log)
         card = bootstrap(bcfg)
         records.append(StageRecord(f"policy ({g.name})", time.time() - t0, bool(card.get("reused")),
                                    details={"train_seconds": card["train"]["train_seconds"]}))
+    return policy, records
+
+
+def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:
+    """A generator's policy (:func:`generator_policy`), its test rollouts (the same problems as the
+    study's) and the reference pass over them (the likelihood baseline, PRMs scored with the
+    reference)."""
+    policy, records = generator_policy(cfg, g, log)
     rc = copy.deepcopy(cfg.test_rollouts)
     if g.temperature is not None:
         rc.sampling.temperature = g.temperature
@@ -492,12 +499,18 @@ def _row_numbers(boot: Bootstrap, name: str, runs: list[tuple[list[str], dict[st
 
 def baseline_numbers(boot: Bootstrap, baselines: dict[str, tuple[list[str], dict[str, np.ndarray]]]) -> dict:
     """The policy-only baselines of one test set: ``baseline`` (pass@k, majority voting) and
-    ``baseline_likelihood`` (best-of-N by the policy's likelihood), with ``..._intervals``."""
+    ``baseline_likelihood`` (best-of-N by the policy's likelihood), with ``..._intervals``, and
+    the likelihood's paired difference against majority voting."""
     out = {}
     for name, field_name in (("majority", "baseline"), ("likelihood", "baseline_likelihood")):
         summ = {k: boot.summary(v, name) for k, v in baselines[name][1].items()}
         out[field_name] = {k: x["mean"] for k, x in summ.items()}
         out[f"{field_name}_intervals"] = {k: x["interval"] for k, x in summ.items()}
+    lik, maj = baselines["likelihood"][1], baselines["majority"][1]
+    out["baseline_likelihood_differences"] = {
+        f"bon@{k.split('@')[1]} - majority@{k.split('@')[1]}": boot.difference(
+            lik[k], maj[f"majority@{k.split('@')[1]}"], "likelihood", "majority")
+        for k in lik if k.startswith("bon@")}
     return out
 
 
