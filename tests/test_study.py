@@ -247,7 +247,7 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
 
 def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_changed(tiny_trained_policy, tmp_path):
     """Table 1's weaker generator: the study's bootstrap config with the generator's changes,
-    trained into its directory, and reused the next time."""
+    trained into the runs directory (or its own `policy` directory), and reused the next time."""
     from prm_ray.config import to_dict
     from prm_ray.study.runner import generator_policy
 
@@ -255,14 +255,22 @@ def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_chan
     recipe.pop("out")
     cfg = from_dict(ScaleResponsesConfig, {
         "runs_dir": str(tmp_path), "bootstrap": recipe,
-        "generators": [{"name": "weak", "policy": str(tmp_path / "weak"), "bootstrap": {"steps": 5}}]})
-    policy, records = generator_policy(cfg, cfg.generators[0], print)
+        "generators": [{"name": "weak", "bootstrap": {"steps": 5}},
+                       {"name": "mine", "policy": str(tmp_path / "mine"), "bootstrap": {"steps": 4}},
+                       {"name": "given", "policy": tiny_trained_policy[0].out}]})
+    weak, mine, given = cfg.generators
+    policy, records = generator_policy(cfg, weak, print)
     settings = json.loads((Path(policy) / "bootstrap_settings.json").read_text())
-    assert policy == str(tmp_path / "weak") and settings["steps"] == 5
-    assert settings["model"] == recipe["model"] and settings["arith"] == recipe["arith"]
+    assert Path(policy).parent == tmp_path / "generators" and Path(policy).name.startswith("weak-")
+    assert settings["steps"] == 5 and settings["model"] == recipe["model"] and settings["arith"] == recipe["arith"]
     assert [r.stage for r in records] == ["policy (weak)"] and not records[0].reused
-    assert generator_policy(cfg, cfg.generators[0], print)[1] == []  # it has a model now
-    with pytest.raises(ConfigError, match="neither a policy nor a temperature"):
+    again, records = generator_policy(cfg, weak, print)
+    assert again == policy and records[0].reused
+    policy, _ = generator_policy(cfg, mine, print)
+    assert policy == str(tmp_path / "mine") and json.loads((tmp_path / "mine" / "bootstrap_settings.json").read_text())["steps"] == 4
+    assert generator_policy(cfg, mine, print)[1] == []  # it has a model now
+    assert generator_policy(cfg, given, print) == (tiny_trained_policy[0].out, [])
+    with pytest.raises(ConfigError, match="neither a policy, a bootstrap nor a temperature"):
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "same"}]})
     with pytest.raises(ConfigError, match="distinct"):
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "policy", "temperature": 1.0}]})

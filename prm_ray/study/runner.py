@@ -173,7 +173,8 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log, m
         summary = run_shepherd(sc)
     lab = load_rollouts(out, columns=["completion_prompt_tokens", "completion_generated_tokens"])
     prompt, generated = (sum(lab.column(c).to_pylist()) for c in lab.column_names)
-    record = StageRecord("Math-Shepherd step labels" + ("" if method == "monte_carlo" else f" ({method})"), m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
+    name = "Math-Shepherd step labels" + ("" if method == "monte_carlo" else f" ({method})")
+    record = StageRecord(name, m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
                          flops=forward_flops(params, prompt + generated),
                          details={"prompt_tokens": prompt, "generated_tokens": generated, "responses": lab.num_rows})
     return LabelSet(out, summary, record)
@@ -235,20 +236,27 @@ class Generator:
 
 
 def generator_policy(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[str, list[StageRecord]]:
-    """A generator's model: its ``policy``, bootstrapped there (the study's ``bootstrap`` changed by
-    the generator's) when it has none and the study bootstraps or the generator asks to."""
-    policy, records = g.policy or cfg.policy, []
-    if g.policy and not (Path(policy) / "config.json").exists() and (g.bootstrap or cfg.bootstrap_if_missing):
-        if cfg.train_rollouts.task != "arith":
-            raise ConfigError(f"generators: {g.name!r}: no model at {policy}, and only the arith policy can be "
-                              "bootstrapped")
-        bcfg = from_dict(BootstrapConfig, merge(to_dict(cfg.bootstrap), {**g.bootstrap, "out": policy}))
-        log(f"generator {g.name}: no model at {policy}; bootstrapping one there ({g.bootstrap or 'the study bootstrap'})")
-        t0 = time.time()
-        card = bootstrap(bcfg)
-        records.append(StageRecord(f"policy ({g.name})", time.time() - t0, bool(card.get("reused")),
-                                   details={"train_seconds": card["train"]["train_seconds"]}))
-    return policy, records
+    """A generator's model: its ``policy``; with ``bootstrap`` changes and no policy, a policy
+    bootstrapped with the study's recipe changed by them into ``<runs_dir>/generators/<name>-<hash>``
+    (a stage output like any other, reused); a ``policy`` directory without a model is bootstrapped
+    there when the generator gives changes or the study bootstraps its own policy."""
+    policy = g.policy or cfg.policy
+    if g.policy and ((Path(policy) / "config.json").exists() or not (g.bootstrap or cfg.bootstrap_if_missing)):
+        return policy, []
+    if not g.policy and not g.bootstrap:
+        return policy, []
+    if cfg.train_rollouts.task != "arith":
+        raise ConfigError(f"generators: {g.name!r}: only the arith policy can be bootstrapped")
+    bcfg = from_dict(BootstrapConfig, merge(to_dict(cfg.bootstrap), g.bootstrap))
+    if not g.policy:
+        key = {k: v for k, v in to_dict(bcfg).items() if k not in ("out", "overwrite")}
+        policy = str(Path(cfg.runs_dir) / "generators" / f"{g.name}-{stage_hash(key)}")
+    bcfg.out = policy
+    log(f"generator {g.name}: bootstrapping a policy into {policy} ({g.bootstrap or 'the study bootstrap'})")
+    t0 = time.time()
+    card = bootstrap(bcfg)
+    return policy, [StageRecord(f"policy ({g.name})", time.time() - t0, bool(card.get("reused")),
+                                details={"train_seconds": card["train"]["train_seconds"]})]
 
 
 def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:

@@ -93,17 +93,18 @@ class GeneratorConfig:
 
     name: str = param("other", "its column in the report")
     policy: str | None = param(None, "its model: a local directory or a Hugging Face model id; null: the study's "
-                                     "policy (then set temperature)")
-    bootstrap: dict[str, Any] = param(factory=dict, help="when `policy` has no model (arith world): bootstrap one "
-                                                          "there with the study's `bootstrap` config changed by these "
-                                                          "fields (e.g. {steps: 300, eval: {temperature: 1.4}})")
+                                     "policy, or the one `bootstrap` makes")
+    bootstrap: dict[str, Any] = param(factory=dict, help="arith world: changes to the study's `bootstrap` config "
+                                                          "(e.g. {steps: 300, eval: {temperature: 1.4}}) for a policy "
+                                                          "trained into <runs_dir>/generators/ (with `policy`: there, "
+                                                          "when it has no model)")
     temperature: float | None = param(None, "its sampling temperature; null: the test rollouts' (itself null: the "
                                             "policy card's)")
 
     def __post_init__(self) -> None:
-        if self.policy is None and self.temperature is None:
-            raise ConfigError(f"generators: {self.name!r} has neither a policy nor a temperature of its own: it "
-                              "would be the study's policy again")
+        if self.policy is None and self.temperature is None and not self.bootstrap:
+            raise ConfigError(f"generators: {self.name!r} has neither a policy, a bootstrap nor a temperature of its "
+                              "own: it would be the study's policy again")
 
 
 @dataclass
