@@ -10,7 +10,14 @@ import pytest
 from prm_ray.config import ConfigError
 from prm_ray.core.reward import AGGREGATIONS
 from prm_ray.scoring import ImplicitPRM
-from prm_ray.stages.evaluate import EvaluateConfig, evaluate_prm, metrics, problems_from_scores, reference_logprobs
+from prm_ray.stages.evaluate import (
+    EvaluateConfig,
+    evaluate_prm,
+    metrics,
+    problems_from_scores,
+    reaggregate,
+    reference_logprobs,
+)
 
 RESPONSES = [
     "Step 1: 3+4 = 7\n\nStep 2: 7*2 = 4\n\nThe answer is \\boxed{4}",
@@ -65,6 +72,11 @@ def test_scores_match_in_process_scoring(rollouts, tiny_prm_path, tiny_policy_pa
             assert row["step_rewards"] == pytest.approx(w.step_rewards, abs=1e-5)
             assert row["q_values"] == pytest.approx(w.q_values, abs=1e-5)
             assert row["num_tokens"] == w.num_tokens
+    # Every aggregation again from the stored step rewards alone (the study's other aggregations).
+    again = reaggregate(tmp_path / "eval" / "scores", list(AGGREGATIONS)).to_pylist()
+    for a, b in zip(again, pq.read_table(tmp_path / "eval" / "scores").to_pylist()):
+        assert {k: a[k] for k in a if k.startswith("score_")} == pytest.approx(
+            {k: b[k] for k in b if k.startswith("score_")}, rel=1e-6, abs=1e-5)
     # Re-running with the same inputs reuses the result; another config recomputes it.
     assert evaluate_prm(tiny_prm_path, data, tmp_path / "eval", cfg, beta=0.3)["reused"]
     other = EvaluateConfig(use_reference=use_ref, batch_size=5, micro_batch_size=3, replicas=1, protocol="random",

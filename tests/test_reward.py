@@ -291,6 +291,9 @@ def test_aggregate_methods_and_padding_never_wins_min():
     # the released eval's accumulative modes, over q = [[0.3, 0.4, -0.6], [0.7], [2.0, 5.0]]
     torch.testing.assert_close(aggregate(r, m, "min_q"), torch.tensor([-0.6, 0.7, 2.0]))
     torch.testing.assert_close(aggregate(r, m, "sum_q"), torch.tensor([0.1, 0.7, 7.0]))
+    # the explicit PRM's alternatives: the last step's reward and the product of the step rewards
+    torch.testing.assert_close(aggregate(r, m, "last"), torch.tensor([-1.0, 0.7, 3.0]))
+    torch.testing.assert_close(aggregate(r, m, "prod"), torch.tensor([0.3 * 0.1 * -1.0, 0.7, 6.0]))
     # garbage in padded slots changes nothing
     noisy = torch.where(m, r, torch.full_like(r, -1e6))
     for method in AGGREGATIONS:

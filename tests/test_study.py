@@ -108,6 +108,10 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
             assert 0.0 <= lo <= r["metrics"][k] + 1e-12 and r["metrics"][k] - 1e-12 <= hi <= 1.0
         d = r["differences"]["bon@4 - majority@4"]
         assert d["mean"] == pytest.approx(r["metrics"]["bon@4"] - saved["baseline"]["majority@4"])
+        # The same scores under the other aggregations; `min` again is the row's own best-of-N.
+        agg = r["aggregations"]
+        assert list(agg) == ["min", "sum", "mean", "last"]
+        assert agg["min"]["metrics"] == pytest.approx({k: v for k, v in r["metrics"].items() if k.startswith("bon@")})
         assert d["interval"][0] <= d["mean"] + 1e-12 <= d["interval"][1] + 2e-12
     # The policy-only numbers agree with the rollouts themselves.
     base = saved["baseline"]
@@ -148,6 +152,11 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
 
         assert got == [cell(k) for k in ("f1", "error_accuracy", "correct_accuracy", "step_auc")] + [
             " / ".join(f"{t:.4g}" for t in m["by_seed"]["threshold"])]
+    agg_md = md.split("by aggregation of the step rewards")[1].split("\n## ")[0]
+    for name in ("ce-k4", "dpo-k4"):
+        a = by[name]["aggregations"]["sum"]
+        assert f"{100 * a['metrics']['bon@4']:.1f} [{100 * a['intervals']['bon@4'][0]:.1f}, " in \
+            re.search(rf"^\| {re.escape(name)} \| (.*) \|$", agg_md, re.M).group(1)
     for f in ("step_rewards.png", "f1_threshold.png", "step_curves.json"):
         assert (run / f).stat().st_size > 0, f
     assert {s["stage"] for s in saved["stages"]} >= {"train rollouts", "test rollouts", "train ce-k4 (seed 0)",
@@ -196,6 +205,8 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     ms, ce = by["math-shepherd-hard"], by["ce-k4"]
     assert ms["reference"] is False and ms["reference_at_inference"] is False and ms["responses_per_instruction"] == 2
     assert set(ms["metrics"]) == set(ce["metrics"])
+    assert list(ms["aggregations"]) == ["min", "prod", "last", "mean"] and "sum" not in ms["aggregations"]
+    assert ms["aggregations"]["min"]["metrics"]["bon@4"] == pytest.approx(ms["metrics"]["bon@4"])
 
     params = count_parameters(policy)
     tok = AutoTokenizer.from_pretrained(policy)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean", "min_q", "sum_q")
+AGGREGATIONS: tuple[str, ...] = ("min", "sum", "last_q", "mean", "min_q", "sum_q", "last", "prod")
 """Ways to turn a response's step rewards into one score (see :func:`aggregate`)."""
 
 __all__ = [
@@ -439,6 +439,10 @@ def aggregate(step_rewards: torch.Tensor, step_mask: torch.Tensor, method: str =
     * ``"mean"``: the average step reward.
     * ``"min_q"``: the lowest q-value ``min_t q^t``, the released eval's "accumulative-min" (its
       ``min`` is our ``min``); ``"sum_q"``: ``sum_t q^t``, its "accumulative-sum".
+    * ``"last"``: the last step's reward; ``"prod"``: the product of the step rewards. For an
+      explicit PRM, whose step rewards are probabilities, these are the usual alternatives to
+      ``min`` (the last step's, and PRM800K's product); an implicit PRM's analogue of ``prod`` is
+      ``sum``.
 
     A row with no steps (an empty response scored without an EOS token) scores 0.0 under every
     method: the value of an empty sum, q^0 = 0. (With EOS appended, an empty response has one step
@@ -455,12 +459,14 @@ def aggregate(step_rewards: torch.Tensor, step_mask: torch.Tensor, method: str =
         score = filled.min(dim=-1).values if step_rewards.shape[-1] else zero.expand(mask.shape[0])
     elif method == "sum":
         score = masked.sum(dim=-1)
-    elif method == "last_q":
-        q = q_values(step_rewards, mask)
+    elif method in ("last_q", "last"):
+        values = q_values(step_rewards, mask) if method == "last_q" else step_rewards
         # index of the last valid step in each row (0 if none; fixed up below)
         positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
         last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values
-        score = q.gather(-1, last.clamp(min=0)[:, None]).squeeze(-1) if mask.shape[-1] else zero.expand(mask.shape[0])
+        score = values.gather(-1, last.clamp(min=0)[:, None]).squeeze(-1) if mask.shape[-1] else zero.expand(mask.shape[0])
+    elif method == "prod":
+        score = torch.where(mask, step_rewards, torch.ones_like(step_rewards)).prod(dim=-1)
     elif method == "mean":
         score = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1).to(step_rewards.dtype)
     else:  # min_q, sum_q: over the running sums

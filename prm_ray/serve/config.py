@@ -49,7 +49,7 @@ class ServeConfig(Resources):
     reference_model: str | None = param(None, "the reference model; null scores \"w/o ref\" (paper Table 4: "
                                               "beta x log pi_phi)")
     beta: float | None = param(None, "null: the beta the PRM was trained with (its prm_ray_prm.json), else 0.05")
-    aggregation: str = param("min", "the default when a request names none: min, sum, last_q, mean, min_q or sum_q")
+    aggregation: str = param("min", "the default when a request names none: min, sum, last_q, mean, min_q, sum_q, last or prod")
     dtype: str = param("auto", "the models' dtype: auto (bfloat16 on GPUs and on CPUs with native bf16, else "
                                "float32), bfloat16, float32, float16 or float64")
     step_separator: str = param("\n\n", "what splits a response into steps")

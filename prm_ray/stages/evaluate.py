@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from prm_ray.artifacts import (
     EVAL_CONFIG,
@@ -43,14 +44,15 @@ from prm_ray.artifacts import (
 )
 from prm_ray.config import ConfigError, param, save_config, to_dict
 from prm_ray.core.metrics import PROTOCOLS, TIES, VOTE_ON, problem_values, score_coefficient
-from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS
+from prm_ray.core.reward import AGGREGATIONS, STEP_SPLITS, aggregate
 from prm_ray.stages.logprobs import LogprobPassConfig, ModelPass, check_backend
 from prm_ray.stages.runtime import init_ray, map_actors
 from prm_ray.stages.tokenize import tokenize_dataset
 from prm_ray.tokens import TOKEN_NAMES
 
 __all__ = ["PRESETS", "ROLLOUT_COLUMNS", "EvaluateConfig", "EvaluationJobConfig", "evaluate_prm", "metrics",
-           "per_problem", "problems_from_scores", "reference_logprobs", "run_evaluation", "score", "score_scale"]
+           "per_problem", "problems_from_scores", "reaggregate", "reference_logprobs", "run_evaluation", "score",
+           "score_scale"]
 
 PRESETS: dict[str, dict] = {
     # The paper's released evaluation (PRIME-RL/ImplicitPRM eval/bon_eval.py, prm_eval_utils.py):
@@ -79,7 +81,7 @@ class EvaluateConfig(LogprobPassConfig):
     preset: str | None = param(None, "release: the released eval's step_split, aggregation, vote_coef, vote_on, ties "
                                      "and protocol (fields left at their defaults take the preset's; a "
                                      "conflicting one is refused) | null: the fields as given")
-    aggregation: str = param("min", "the best-of-N score of a response: min (the paper), sum, last_q or mean "
+    aggregation: str = param("min", "the best-of-N score of a response: min (the paper), sum, last_q, mean, last or prod "
                                     "of its step rewards, or min_q / sum_q of its q-values (the released eval's "
                                     "accumulative modes)")
     ns: list[int] | None = param(None, "the N of best-of-N and voting; null: 1, 2, 4, ... up to M (samples "
@@ -234,6 +236,26 @@ def per_problem(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) ->
     log_ratio`` can undo it."""
     return problem_values(problems, cfg.ns, protocol=cfg.protocol, subsets=cfg.random_subsets, seed=cfg.seed,
                           vote_coef=score_coefficient(cfg.vote_coef, cfg.vote_on, beta), ties=cfg.ties)
+
+
+def reaggregate(scores: str | Path | pa.Table, methods: list[str]) -> pa.Table:
+    """A scoring pass's rows with ``score_<method>`` recomputed from their stored ``step_rewards``
+    by :func:`prm_ray.core.reward.aggregate` (another aggregation without another model pass;
+    also for score files written before that aggregation existed)."""
+    table = scores if isinstance(scores, pa.Table) else pads.dataset(str(scores), format="parquet").to_table()
+    rewards = table.column("step_rewards").to_pylist()
+    width = max((len(r) for r in rewards), default=0)
+    padded = torch.zeros(len(rewards), width, dtype=torch.float64)
+    mask = torch.zeros(len(rewards), width, dtype=torch.bool)
+    for i, r in enumerate(rewards):
+        padded[i, : len(r)] = torch.tensor(r, dtype=torch.float64)
+        mask[i, : len(r)] = True
+    for method in methods:
+        column = pa.array(aggregate(padded, mask, method).tolist(), pa.float64())
+        name = f"score_{method}"
+        table = table.set_column(table.column_names.index(name), name, column) if name in table.column_names \
+            else table.append_column(name, column)
+    return table
 
 
 def metrics(problems: list[dict], cfg: EvaluateConfig, beta: float = 1.0) -> dict[str, float]:

@@ -136,6 +136,7 @@ def markdown(report: dict) -> str:
     lines += _differences(report, ns)
     if any(r.get("differences") for r in report["results"]):
         lines += ["![differences](differences.png)", ""]
+    lines += _aggregation_section(report)
     lines += _generator_section(report, ns)
     lines += _reference_section(report)
     lines += _step_section(report)
@@ -208,6 +209,24 @@ def _generator_section(report: dict, ns: list[int]) -> list[str]:
                   + " | |",
                   "| pass@N (oracle) | " + " | ".join("-" if n == 1 else _baseline_cell(g, "baseline", f"pass@{n}")
                                                      for n in show) + " | |", ""]
+    return lines
+
+
+def _aggregation_section(report: dict) -> list[str]:
+    """Best-of-N of every row under each aggregation of its step rewards (the same scores)."""
+    rows = [r for r in report["results"] if r.get("aggregations")]
+    if not rows:
+        return []
+    n = report["headline_n"]
+    methods = list(dict.fromkeys(m for r in rows for m in r["aggregations"]))
+    lines = ["", f"## Best-of-{n} by aggregation of the step rewards", "",
+             f"The same scores, aggregated otherwise (the study's own: `{report['config']['eval']['aggregation']}`): "
+             "`sum` is an implicit PRM's outcome reward, `last` the last step's reward, `prod` the product of an "
+             "explicit PRM's step probabilities; `-` where an aggregation means nothing for that kind of PRM.", "",
+             "| reward model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for r in rows:
+        a = r["aggregations"]
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(a[m], f"bon@{n}") if m in a else "-" for m in methods) + " |")
     return lines
 
 

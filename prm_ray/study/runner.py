@@ -37,7 +37,14 @@ from prm_ray.core.flops import forward_flops
 from prm_ray.core.stats import Bootstrap
 from prm_ray.models import count_parameters
 from prm_ray.policy.bootstrap import BootstrapConfig, bootstrap
-from prm_ray.stages.evaluate import evaluate_prm, per_problem, problems_from_scores, reference_logprobs, score_scale
+from prm_ray.stages.evaluate import (
+    evaluate_prm,
+    per_problem,
+    problems_from_scores,
+    reaggregate,
+    reference_logprobs,
+    score_scale,
+)
 from prm_ray.stages.rollout import EngineConfig, RolloutConfig, VerifierConfig, run_rollouts
 from prm_ray.stages.runtime import init_ray, measure
 from prm_ray.stages.shepherd import run_shepherd
@@ -57,6 +64,7 @@ from prm_ray.stages.train.driver import train_prm
 from prm_ray.study.accounting import RolloutTokens, prm_compute
 from prm_ray.study.report import write_report
 from prm_ray.study.specs import (
+    AGGREGATIONS_COMPARED,
     GeneratorConfig,
     PRMSpec,
     StudyConfig,
@@ -341,6 +349,7 @@ class SeedRun:
     problems: list[str]
     step: dict | None
     generators: dict[str, tuple[list[str], dict[str, np.ndarray]]] = field(default_factory=dict)
+    aggregations: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> bon@N per problem
 
 
 @dataclass
@@ -374,9 +383,14 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
                           overwrite=cfg.overwrite)
     if not ev["reused"]:
         write_timing(eval_dir, "eval", eval_time)
-    scale = score_scale(read_prm_card(tc.out))
-    problems = problems_from_scores(eval_dir / "scores", cfg.eval.aggregation, ev.get("votes_by", "answer_group"))
+    scale, votes = score_scale(read_prm_card(tc.out)), ev.get("votes_by", "answer_group")
+    problems = problems_from_scores(eval_dir / "scores", cfg.eval.aggregation, votes)
     values = per_problem(problems, cfg.eval, scale)
+    # Best-of-N under the other aggregations, from the same step rewards (no model pass).
+    methods = AGGREGATIONS_COMPARED[spec.explicit]
+    rescored = reaggregate(eval_dir / "scores", list(methods))
+    aggregations = {a: {k: v for k, v in per_problem(problems_from_scores(rescored, a, votes), cfg.eval, scale).items()
+                        if k.startswith("bon@")} for a in methods}
     m = ev["metrics"]
     log(f"{spec.name} (seed {seed}): bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
         f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
@@ -416,7 +430,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
     result = {"seed": seed, "prm": tc.out, "eval_dir": str(eval_dir), "metrics": m, "compute": compute,
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                         "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")}}
-    return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step, generators)
+    return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step, generators, aggregations)
 
 
 def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, log: Log) -> Row:
@@ -537,6 +551,10 @@ def summarize(cfg: StudyConfig, rows: list[Row], baselines: Baselines, steps: St
             continue
         name = row.result["name"]
         row.result.update(_row_numbers(boot, name, [(r.problems, r.values) for r in row.runs], baselines))
+        row.result["aggregations"] = {
+            a: _interval_fields({k: boot.summary(np.stack([r.aggregations[a][k] for r in row.runs]), name)
+                                 for k in row.runs[0].aggregations[a]})
+            for a in row.runs[0].aggregations}
         if generator_baselines:
             row.result["generators"] = {g: _row_numbers(boot, name, [r.generators[g] for r in row.runs], b)
                                         for g, b in generator_baselines.items()}

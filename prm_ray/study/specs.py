@@ -27,13 +27,20 @@ from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.driver import settings as train_settings
 from prm_ray.stages.train.examples import BALANCE_MODES
 
-__all__ = ["CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
+__all__ = ["AGGREGATIONS_COMPARED", "CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
            "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
 
 
 # max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
 # are degenerate.
+AGGREGATIONS_COMPARED: dict[bool, tuple[str, ...]] = {False: ("min", "sum", "mean", "last"),
+                                                      True: ("min", "prod", "last", "mean")}
+"""The aggregations whose best-of-N every study reports next to its own (``eval.aggregation``),
+by whether the PRM is explicit: an implicit PRM's step rewards are log-ratios (``sum``: the
+outcome reward), an explicit PRM's probabilities (``prod``: PRM800K's product)."""
+
+
 def _train_rollouts() -> RolloutConfig:
     return RolloutConfig(split="train", limit=1000, sampling=SamplingConfig(n=8, max_tokens=160))
 
