@@ -176,6 +176,7 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     match the datasets they describe (runs after scale_responses and reuses its rollouts and PRM)."""
     import compare_baselines
     import pyarrow.dataset as pads
+    import yaml
     from transformers import AutoTokenizer
 
     from prm_ray.models import count_parameters
@@ -211,7 +212,9 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     params = count_parameters(policy)
     tok = AutoTokenizer.from_pretrained(policy)
     roll = pads.dataset(str(next((shared_runs / "rollouts").glob("train-*")) / "data")).to_table().to_pylist()
-    labels = pads.dataset(str(next((shared_runs / "shepherd").glob("*")) / "data")).to_table().to_pylist()
+    [mc] = [d for d in (shared_runs / "shepherd").glob("*")
+            if yaml.safe_load((d / "config.yaml").read_text())["method"] == "monte_carlo"]
+    labels = pads.dataset(str(mc / "data")).to_table().to_pylist()
 
     def tokens(rows):
         return sum(prompt_token_counts(tok, [r["prompt"] for r in rows])) + sum(r["num_tokens"] for r in rows)
