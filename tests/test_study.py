@@ -66,6 +66,12 @@ def test_grids():
     cfg = CompareBaselinesConfig()
     ms, ce = train_config(cfg, base[4], Path("labels")), train_config(cfg, base[0], Path("rollouts"))
     assert (ms.lr, ms.epochs, ce.lr, ce.epochs) == (1e-3, 3, cfg.train.lr, cfg.train.epochs) and ms.out != ce.out
+    # A row on all responses is keyed as k = n: compare_objectives' ce is scale_responses' ce-k8.
+    sr = ScaleResponsesConfig()
+    ce_k8 = train_config(sr, scale_responses_specs(sr)[3], Path("rollouts"))
+    co = CompareObjectivesConfig()
+    assert train_config(co, compare_objectives_specs(co)[0], Path("rollouts")).out == ce_k8.out
+    assert ce_k8.dataset.responses_per_instruction == 8 and ms.dataset.responses_per_instruction is None
     base[0].train_overrides = {"dataset": {}}
     with pytest.raises(ConfigError, match="train_overrides"):
         train_config(cfg, base[0], Path("rollouts"))

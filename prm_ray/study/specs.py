@@ -251,12 +251,21 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | 
     tc.use_reference = spec.uses_reference(cfg)[0]
     ds = tc.dataset
     ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
+    if not spec.explicit and ds.responses_per_instruction is None:
+        # "All n responses" named as k = n: the same examples, so the same PRM directory as a
+        # scale_responses row at k = n (compare_objectives' ce is scale_responses' ce-k8).
+        ds.responses_per_instruction = cfg.train_rollouts.sampling.n
     ds.max_pairs_per_instruction = cfg.max_pairs_per_instruction if get_objective(spec.objective).paired else None
     ds.instruction_fraction, ds.balance = spec.instruction_fraction, spec.balance
     ds.__post_init__()  # validate the combination
     if cfg.ray_address:
         tc.ray_address = cfg.ray_address
-    tc.out = str(Path(cfg.runs_dir) / "prms" / f"{spec.name}-{stage_hash(train_settings(tc))}")
+    # Named by what it trains on, not by the row: rows of two studies with the same settings
+    # (scale_responses' ce-k8, compare_objectives' ce) are one directory.
+    name = "-".join([ds.objective] + ([ds.balance] if ds.balance != "none" else [])
+                    + ([f"k{ds.responses_per_instruction}"] if ds.responses_per_instruction is not None else [])
+                    + ([f"f{round(100 * ds.instruction_fraction)}"] if ds.instruction_fraction != 1.0 else []))
+    tc.out = str(Path(cfg.runs_dir) / "prms" / f"{name}-{stage_hash(train_settings(tc))}")
     if ref_cache is not None and tc.use_reference:
         tc.ref_cache = str(ref_cache)
     return tc
