@@ -294,3 +294,22 @@ def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_chan
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "same"}]})
     with pytest.raises(ConfigError, match="distinct"):
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "policy", "temperature": 1.0}]})
+
+
+def test_overwriting_a_study_keeps_its_evaluations_and_nothing_else(tmp_path):
+    """Another config replaces the report, plots and settings; the evaluations stay (each one
+    checks its own key), and without overwrite the directory is refused, naming the field."""
+    from prm_ray.study.runner import claim_study_dir
+
+    run = tmp_path / "study"
+    for f in ("study_settings.json", "report.md", "bon_vs_n.png", "eval/ce-k8/seed-0/metrics.json",
+              "eval-validation/ce-k8/seed-0/metrics.json", "eval-generators/weak/ce-k8/seed-0/metrics.json"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("{\"config\": {\"seeds\": [0]}}" if f == "study_settings.json" else "x")
+    claim_study_dir(run, {"config": {"seeds": [0]}}, False)  # the same config: nothing to do
+    assert (run / "report.md").exists()
+    with pytest.raises(ConfigError, match="seeds"):
+        claim_study_dir(run, {"config": {"seeds": [0, 1]}}, False)
+    claim_study_dir(run, {"config": {"seeds": [0, 1]}}, True)
+    assert sorted(p.name for p in run.iterdir()) == ["eval", "eval-generators", "eval-validation"]
+    assert (run / "eval/ce-k8/seed-0/metrics.json").read_text() == "x"

@@ -13,6 +13,7 @@ rollouts or the same PRM (e.g. CE with 8 responses per instruction) compute it o
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ import pyarrow.dataset as pads
 from prm_ray.artifacts import (
     check_settings,
     data_dir,
+    first_difference,
     load_rollouts,
     read_json,
     read_prm_card,
@@ -74,7 +76,7 @@ from prm_ray.study.specs import (
     train_config,
 )
 
-__all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "run_study", "summarize"]
+__all__ = ["EVAL_DIRS", "Row", "RolloutSet", "SeedRun", "StageRecord", "claim_study_dir", "run_study", "summarize"]
 
 Log = Callable[[str], Any]
 
@@ -616,6 +618,24 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
+EVAL_DIRS = ("eval", "eval-validation", "eval-generators")
+
+
+def claim_study_dir(run_dir: Path, study_key: dict, overwrite: bool) -> None:
+    """A study directory made with another config is refused, or with ``overwrite`` emptied of its
+    report, plots and settings. Its evaluations (:data:`EVAL_DIRS`) stay: each is keyed by its PRM,
+    data and eval config, so one whose inputs did not change is reused like any other stage and
+    one whose inputs changed is redone."""
+    old = read_json(run_dir / "study_settings.json")
+    if old is None or first_difference(old, study_key) is None:
+        return
+    if not overwrite:
+        check_settings(run_dir, old, study_key, what="a study report")  # raises, naming the field
+    for path in run_dir.iterdir():
+        if path.name not in EVAL_DIRS:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: str, log: Log = print) -> dict:
     """Run (or resume) every stage and write ``<runs_dir>/<name>/report.{md,json}`` and the plots.
 
@@ -629,8 +649,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     run_dir = Path(cfg.runs_dir) / cfg.name
     study_key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "ray_address")},
                  "specs": [to_dict(s) for s in specs]}
-    check_settings(run_dir, read_json(run_dir / "study_settings.json"), study_key, what="a study report",
-                        overwrite=cfg.overwrite)
+    claim_study_dir(run_dir, study_key, cfg.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "study_settings.json", study_key)
     save_config(cfg, run_dir / "config.yaml")

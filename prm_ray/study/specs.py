@@ -148,8 +148,9 @@ class StudyConfig:
                                                      "incorrect pair, as the paper); 4 keeps about 40% of the "
                                                      "pairs at 8 responses per instruction, which the default "
                                                      "study's 30-minute budget needs")
-    overwrite: bool = param(False, "replace this study's report made with another config (else refused); its "
-                                   "evaluations are redone, stages whose settings did not change are reused")
+    overwrite: bool = param(False, "replace this study's report made with another config (else refused); every "
+                                   "stage whose inputs did not change is reused, evaluations included, and any other "
+                                   "redone")
     ray_address: str | None = param(None, "null: RAY_ADDRESS, a running local cluster, or a new one")
 
     def __post_init__(self) -> None:
