@@ -77,6 +77,24 @@ def test_grids():
         train_config(cfg, base[0], Path("rollouts"))
 
 
+def test_train_variants_add_a_row_per_objective_and_setting():
+    """A sweep of training settings: each variant trains every objective once more, into its own
+    PRM directory, with only the named fields changed; bad variants are refused naming the field."""
+    cfg = from_dict(CompareObjectivesConfig, {"objectives": ["ce", "ce-dataset"], "reference_ablation": False,
+                                              "train_variants": {"b0.5": {"beta": 0.5}, "ep3": {"epochs": 3}}})
+    specs = compare_objectives_specs(cfg)
+    assert [(s.name, s.objective, s.balance) for s in specs] == [
+        ("ce", "ce", "none"), ("ce-dataset", "ce", "dataset"), ("ce-b0.5", "ce", "none"),
+        ("ce-dataset-b0.5", "ce", "dataset"), ("ce-ep3", "ce", "none"), ("ce-dataset-ep3", "ce", "dataset")]
+    tcs = [train_config(cfg, s, Path("rollouts")) for s in specs]
+    assert [(t.beta, t.epochs) for t in tcs] == [(0.05, 1)] * 2 + [(0.5, 1)] * 2 + [(0.05, 3)] * 2
+    assert len({t.out for t in tcs}) == 6 and tcs[0].lr == tcs[2].lr == tcs[4].lr
+    for bad, field_ in (({"a b": {"beta": 1}}, "name 'a b'"), ({"v": {}}, "train_variants.v"),
+                        ({"v": {"seed": 3}}, "seed"), ({"v": {"betta": 3}}, "betta")):
+        with pytest.raises(ConfigError, match=field_):
+            from_dict(CompareObjectivesConfig, {"train_variants": bad})
+
+
 @pytest.fixture(scope="module")
 def shared_runs(study_runs, tiny_train_rollouts):
     """The session's runs_dir: compare_baselines reuses scale_responses' rollouts and PRM, and both
@@ -175,6 +193,13 @@ def test_scale_responses_end_to_end(tiny_trained_policy, ray_session, shared_run
     assert all(s["reused"] for s in again["stages"]), again["stages"]
     assert [(r["metrics"], r["intervals"]) for r in again["results"]] == \
         [(r["metrics"], r["intervals"]) for r in saved["results"]]
+    # ... and still reports what each stage cost when it was made (a resumed study's wall times).
+    made = {s["stage"]: s.get("made_wall_s") for s in again["stages"]}
+    assert all(v is not None and v > 0 for k, v in made.items() if k != "policy"), made  # the shipped policy: none
+    for s in saved["stages"]:
+        if not s["reused"] and s["stage"].startswith(("train ", "eval ")) and s["stage"] != "train rollouts":
+            assert made[s["stage"]] == pytest.approx(s["wall_s"]), s["stage"]
+    assert "| wall s this run | reused | wall s made |" in (run / "report.md").read_text()
 
 
 def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_session, shared_runs, tmp_path):

@@ -159,14 +159,18 @@ def markdown(report: dict) -> str:
     lines += ["", "## Wall time and compute per stage", "",
               "Compute is estimated as 2 x parameters x tokens for generation and scoring, 6 x parameters "
               "x tokens for training (plus 2 x for the reference forward when trained with the reference). `reused`: finished by an earlier "
-              "run of this or another study, so this run's wall time is only the check.", "",
-              "| stage | wall s | reused | compute (PFLOP) |", "|---|---|---|---|"]
+              "run of this or another study, so this run's wall time is only the check. *made*: the wall seconds of the "
+              "run(s) that made the stage's output, kept next to it (`-`: not kept, e.g. the shipped policy).", "",
+              "| stage | wall s this run | reused | wall s made | compute (PFLOP) |", "|---|---|---|---|---|"]
     for s in report["stages"]:
-        fl = s.get("flops")
-        lines.append(f"| {s['stage']} | {s['wall_s']:.1f} | {s['reused']} | "
+        fl, made = s.get("flops"), s.get("made_wall_s")
+        lines.append(f"| {s['stage']} | {s['wall_s']:.1f} | {s['reused']} | {'-' if made is None else f'{made:.1f}'} | "
                      f"{'-' if fl is None or not math.isfinite(fl) else f'{fl / 1e15:.4f}'} |")
+    made = [s["made_wall_s"] for s in report["stages"] if s.get("made_wall_s") is not None]
     lines += ["", f"Total wall time of this run: {report['wall_seconds']:.0f} s "
-              f"({report['wall_seconds'] / 60:.1f} min).", "",
+              f"({report['wall_seconds'] / 60:.1f} min); the stages as made: {sum(made):.0f} s "
+              f"({sum(made) / 3600:.1f} h; {len(made)} of {len(report['stages'])} stages kept their time; "
+              "outputs shared with other studies are counted in each).", "",
               "Seeds: " + ", ".join(f"{k} {v}" for k, v in report["seeds"].items()) + ". "
               "The full resolved config is `config.yaml` next to this file.", ""]
     return "\n".join(lines)
@@ -509,10 +513,10 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     ax = fig.subplots()
     names = [s["stage"] for s in report["stages"]]
-    ax.barh(names, [s["wall_s"] for s in report["stages"]],
+    ax.barh(names, [s["wall_s"] if s.get("made_wall_s") is None else s["made_wall_s"] for s in report["stages"]],
             color=["#bbb" if s["reused"] else "#4477aa" for s in report["stages"]])
     ax.invert_yaxis()
-    ax.set_xlabel("wall seconds this run (grey: reused)")
+    ax.set_xlabel("wall seconds to make each stage (grey: made by an earlier run, reused by this one)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     paths.append(out / "stages.png")

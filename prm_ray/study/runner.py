@@ -31,6 +31,7 @@ from prm_ray.artifacts import (
     load_rollouts,
     read_json,
     read_prm_card,
+    read_timing,
     write_json,
     write_timing,
 )
@@ -83,7 +84,9 @@ Log = Callable[[str], Any]
 
 @dataclass
 class StageRecord:
-    """One line of the report's stage table: what ran, how long, whether it was reused, its FLOPs."""
+    """One line of the report's stage table: what ran, how long, whether it was reused, its FLOPs.
+    ``made_s``: the wall seconds of the run(s) that made the output (kept next to it), so a study
+    resumed over several runs still reports what each stage cost; None where nothing was kept."""
 
     stage: str
     wall_s: float
@@ -91,6 +94,7 @@ class StageRecord:
     cpu_s: float | None = None
     flops: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    made_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"stage": self.stage, "wall_s": self.wall_s, "reused": self.reused}
@@ -98,7 +102,16 @@ class StageRecord:
             out["cpu_s"] = self.cpu_s
         if self.flops is not None:
             out["flops"] = self.flops
+        if self.made_s is not None:
+            out["made_wall_s"] = self.made_s
         return {**out, **self.details}
+
+
+def _timed(where: Path, name: str, measured: dict, reused: bool) -> float | None:
+    """Keep a freshly made output's timing next to it; return the wall seconds it took to make."""
+    if not reused:
+        write_timing(where, name, measured)
+    return (read_timing(where, name) or {}).get("wall_s")
 
 
 @dataclass
@@ -133,7 +146,8 @@ def policy_stage(cfg: StudyConfig, log: Log) -> StageRecord:
         bcfg = copy.deepcopy(cfg.bootstrap)
         bcfg.out = cfg.policy
         card = bootstrap(bcfg)
-        return StageRecord("policy", time.time() - t0, False, details={"train_seconds": card["train"]["train_seconds"]})
+        wall = time.time() - t0
+        return StageRecord("policy", wall, False, details={"train_seconds": card["train"]["train_seconds"]}, made_s=wall)
     return StageRecord("policy", time.time() - t0, True)
 
 
@@ -155,7 +169,8 @@ def rollout_stage(cfg: StudyConfig, rc: RolloutConfig, label: str, params: int, 
         details={"prompt_tokens": tokens.prompt_total, "generated_tokens": tokens.generated_total,
                  "instructions": summary["instructions"], "responses": summary["responses"],
                  "pass@1": summary["pass@1"], "pass@N": summary["pass@N"],
-                 "verify_status": summary["verify_status"], "all_runs": summary.get("all_runs")})
+                 "verify_status": summary["verify_status"], "all_runs": summary.get("all_runs")},
+        made_s=(summary.get("all_runs") or {}).get("wall_seconds"))
     return RolloutSet(out, summary, tokens, record)
 
 
@@ -186,7 +201,8 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log, m
     name = "Math-Shepherd step labels" + ("" if method == "monte_carlo" else f" ({method})")
     record = StageRecord(name, m["wall_s"], bool(summary.get("reused")), cpu_s=m["cpu_s"],
                          flops=forward_flops(params, prompt + generated),
-                         details={"prompt_tokens": prompt, "generated_tokens": generated, "responses": lab.num_rows})
+                         details={"prompt_tokens": prompt, "generated_tokens": generated, "responses": lab.num_rows},
+                         made_s=((summary.get("timing") or {}).get("total") or {}).get("wall_seconds"))
     return LabelSet(out, summary, record)
 
 
@@ -202,9 +218,8 @@ def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: s
     info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype),
                               step_split=split)
     record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],
-                         flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total))
-    if label == "train":
-        record.details["seconds_when_made"] = info["seconds"]
+                         flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total),
+                         made_s=info["seconds"])
     return out, record
 
 
@@ -266,7 +281,8 @@ def generator_policy(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[st
     t0 = time.time()
     card = bootstrap(bcfg)
     return policy, [StageRecord(f"policy ({g.name})", time.time() - t0, bool(card.get("reused")),
-                                details={"train_seconds": card["train"]["train_seconds"]})]
+                                details={"train_seconds": card["train"]["train_seconds"]},
+                                made_s=card["train"]["train_seconds"])]
 
 
 def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:
@@ -333,7 +349,7 @@ def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval
     m = res["metrics"]
     log(f"{spec.name}: first wrong step found: F1 {_fmt(m['f1'])}, step AUC {_fmt(m['step_auc'])}")
     return res, StageRecord(f"eval {spec.name} (validation, seed {val_dir.name.removeprefix('seed-')})",
-                            t["wall_s"], ev["reused"], cpu_s=t["cpu_s"])
+                            t["wall_s"], ev["reused"], cpu_s=t["cpu_s"], made_s=_timed(val_dir, "eval", t, ev["reused"]))
 
 
 def _fmt(x: float | None) -> str:
@@ -374,8 +390,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
     log(f"{spec.name} (seed {seed}): training -> {tc.out}")
     with measure() as train_time:
         report = train_prm(tc)
-    if not report["reused"]:
-        write_timing(Path(tc.out), "train", train_time)
+    train_made = _timed(Path(tc.out), "train", train_time, report["reused"])
     ecfg = replace(cfg.eval, use_reference=infer_ref)
     log(f"{spec.name} (seed {seed}): evaluating on {inputs.test.summary['instructions']} test problems x "
         f"{cfg.test_rollouts.sampling.n}")
@@ -383,16 +398,20 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
     with measure() as eval_time:
         ev = evaluate_prm(tc.out, inputs.ref_test if infer_ref else inputs.test.path, eval_dir, ecfg,
                           overwrite=cfg.overwrite)
-    if not ev["reused"]:
-        write_timing(eval_dir, "eval", eval_time)
+    eval_made = _timed(eval_dir, "eval", eval_time, ev["reused"])
     scale, votes = score_scale(read_prm_card(tc.out)), ev.get("votes_by", "answer_group")
-    problems = problems_from_scores(eval_dir / "scores", cfg.eval.aggregation, votes)
+    own = f"score_{cfg.eval.aggregation}"
+    scores = pads.dataset(str(eval_dir / "scores"), format="parquet").to_table(
+        columns=["instruction_id", "sample_index", "correct", votes, own, "step_rewards"])
+    problems = problems_from_scores(scores, cfg.eval.aggregation, votes)
     values = per_problem(problems, cfg.eval, scale)
-    # Best-of-N under the other aggregations, from the same step rewards (no model pass).
-    methods = AGGREGATIONS_COMPARED[spec.explicit]
-    rescored = reaggregate(eval_dir / "scores", list(methods))
-    aggregations = {a: {k: v for k, v in per_problem(problems_from_scores(rescored, a, votes), cfg.eval, scale).items()
-                        if k.startswith("bon@")} for a in methods}
+    # Best-of-N under the other aggregations, from the same step rewards (no model pass); the
+    # study's own is the row's values, so both tables print the same numbers for it.
+    others = [a for a in AGGREGATIONS_COMPARED[spec.explicit] if a != cfg.eval.aggregation]
+    rescored = reaggregate(scores.drop_columns([own]), others)
+    aggregations = {a: {k: v for k, v in (values if a == cfg.eval.aggregation else per_problem(
+        problems_from_scores(rescored, a, votes), cfg.eval, scale)).items() if k.startswith("bon@")}
+        for a in AGGREGATIONS_COMPARED[spec.explicit]}
     m = ev["metrics"]
     log(f"{spec.name} (seed {seed}): bon@{cfg.headline_n} {m[f'bon@{cfg.headline_n}']:.3f} "
         f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
@@ -408,9 +427,9 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
                     cpu_s=train_time["cpu_s"],
                     flops=compute["stages"]["training"]["flops"]
                     + compute["stages"].get("reference log-probs", {}).get("flops", 0.0),
-                    details={"train_tokens": tokens}),
+                    details={"train_tokens": tokens}, made_s=train_made),
         StageRecord(f"eval {spec.name} (seed {seed})", eval_time["wall_s"], ev["reused"], cpu_s=eval_time["cpu_s"],
-                    flops=compute["stages"]["scoring"]["flops"]),
+                    flops=compute["stages"]["scoring"]["flops"], made_s=eval_made),
     ]
     step = None
     if inputs.steps is not None:
@@ -427,7 +446,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
         log(f"{spec.name} (seed {seed}): on generator {gen.name}: bon@{cfg.headline_n} "
             f"{gev['metrics'][f'bon@{cfg.headline_n}']:.3f}")
         records.append(StageRecord(f"eval {spec.name} (seed {seed}, generator {gen.name})", t["wall_s"], gev["reused"],
-                                   cpu_s=t["cpu_s"]))
+                                   cpu_s=t["cpu_s"], made_s=_timed(gdir, "eval", t, gev["reused"])))
     ds = report.get("dataset", {})
     result = {"seed": seed, "prm": tc.out, "eval_dir": str(eval_dir), "metrics": m, "compute": compute,
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),

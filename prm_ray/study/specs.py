@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +346,10 @@ class CompareObjectivesConfig(StudyConfig):
     objectives: list[str] = param(factory=lambda: ["ce", "ce-dataset", "ce-instruction", "dpo", "kto", "nca"],
                                   help="implicit objectives; ce-dataset / ce-instruction: CE with that balancing")
     reference_ablation: bool = param(True, "Table 4: CE with the reference on/off at training x inference")
+    train_variants: dict[str, dict[str, Any]] = param(
+        factory=dict, help="more rows: name -> changes to top-level train fields (e.g. {beta: 0.5, epochs: 3}); "
+                           "every objective is trained once more with each, as row `<objective>-<name>` (a sweep "
+                           "of training settings with paired intervals; run it on the validation split)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -352,6 +357,17 @@ class CompareObjectivesConfig(StudyConfig):
         bad = [o for o in self.objectives if o not in valid]
         if bad:
             raise ConfigError(f"objectives {bad} unknown; valid: {sorted(valid)}")
+        fixed = ("dataset", "ref_pass", "workers", "data", "model", "reference_model", "out", "seed", "use_reference",
+                 "overwrite", "ray_address", "debug_kill_rank", "debug_kill_at_step")
+        for name, changes in self.train_variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.=+-]+", str(name)):
+                raise ConfigError(f"train_variants: name {name!r} must be letters, digits or _.=+- (it names directories)")
+            if not isinstance(changes, dict) or not changes:
+                raise ConfigError(f"train_variants.{name}: expected a non-empty mapping of train fields, got {changes!r}")
+            bad = [k for k in changes if k in fixed or k not in {f.name for f in fields(TrainConfig)}]
+            if bad:
+                raise ConfigError(f"train_variants.{name}: {bad} are not train fields a row may change "
+                                  f"(top-level TrainConfig fields other than {', '.join(fixed)})")
 
 
 def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
@@ -369,6 +385,11 @@ def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
                                      reference_train=train_ref, reference_infer=infer_ref,
                                      axis={"reference (train/inference)": f"{int(train_ref)}/{int(infer_ref)}",
                                            "series": "ce"}))
+    for variant, changes in cfg.train_variants.items():
+        for name in cfg.objectives:
+            obj, _, balance = name.partition("-")
+            specs.append(PRMSpec(f"{name}-{variant}", objective=obj, balance=balance or "none",
+                                 train_overrides=dict(changes), axis={"objective": f"{name}-{variant}"}))
     return specs
 
 
