@@ -82,3 +82,26 @@ def test_intervals_differences_and_the_reference_grid(tmp_path):
     report["results"] = rows[:3]
     write_report(report, tmp_path)
     assert "paper Table 4" not in (tmp_path / "report.md").read_text()
+
+
+def test_cost_line_by_line_against_the_paper():
+    """Math-Shepherd over CE under three accountings, from hand-made token and FLOP counts."""
+    from prm_ray.study.report import cost_lines, cost_ratios
+
+    def compute(stages):
+        return {"stages": stages, "build_flops": sum(s["flops"] for s in stages.values())}
+
+    gen = {"flops": 100.0, "generated_tokens": 40, "prompt_tokens": 10, "responses": 4}
+    ce = _row("ce-k2", 0.8, compute=compute({"generation": gen, "training": {"flops": 300.0}}))
+    ms = {**_row("math-shepherd-hard", 0.5, compute=compute({
+        "generation": gen, "training": {"flops": 200.0},
+        "step-label completions": {"flops": 1500.0, "generated_tokens": 320, "prompt_tokens": 800, "completions": 64,
+                                   "steps": 20, "boundaries": 8}})), "objective": "math-shepherd-hard"}
+    exact = {**ms, "name": "math-shepherd-exact", "label_method": "exact"}  # a checker's labels: no ratio
+    (x,) = cost_ratios({"results": [ce, ms, exact]})
+    assert (x["explicit"], x["implicit"]) == ("math-shepherd-hard", "ce-k2")
+    assert (x["generated_ratio"], x["data_ratio"], x["ratio"]) == (360 / 40, 1600 / 100, 1800 / 400)
+    md = "\n".join(cost_lines({"results": [ce, ms, exact]}))
+    # Per response: 5 steps, 2 sampled boundaries, 16 completions of 5 tokens against a response's 10.
+    assert "| math-shepherd-hard | 5.00 | 2.00 | 16.0 | 0.50 | 12 |" in md
+    assert "| math-shepherd-hard / ce-k2 | 9.0x | 16.0x | 4.5x |" in md and "reported 38.8x" in md

@@ -86,11 +86,13 @@ def prm_compute(*, params: int, dataset: DatasetConfig, epochs: int, train_token
     if labels_dir is not None:
         cp = sum(lab.column("completion_prompt_tokens").to_pylist())
         cg = sum(lab.column("completion_generated_tokens").to_pylist())
-        completions = sum(sum(c[:-1]) for c in lab.column("step_completions").to_pylist())  # the last step samples none
+        per_step = lab.column("step_completions").to_pylist()
+        completions = sum(sum(c[:-1]) for c in per_step)  # the last step samples none
         totals = labels_timing or {}
         stages["step-label completions"] = stage(
             forward_flops(params, cp + cg), wall_s=totals.get("wall_seconds"), cpu_s=totals.get("cpu_seconds"),
-            prompt_tokens=cp, generated_tokens=cg, completions=completions)
+            prompt_tokens=cp, generated_tokens=cg, completions=completions,
+            steps=sum(len(c) for c in per_step), boundaries=sum(1 for c in per_step for x in c[:-1] if x > 0))
         stages["step-label verification"] = stage(0.0, wall_s=totals.get("verify_seconds"), completions=completions)
     if reference_train:
         stages["reference log-probs"] = stage(forward_flops(params, p_tok + g_tok), tokens=p_tok + g_tok)
