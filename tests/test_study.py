@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_study as _tiny
 
-from prm_ray.config import ConfigError, from_dict
+from prm_ray.config import ConfigError, from_dict, to_dict
 from prm_ray.study import (
     CompareBaselinesConfig,
     CompareObjectivesConfig,
@@ -22,6 +22,7 @@ from prm_ray.study import (
     scale_responses_specs,
     train_config,
 )
+from prm_ray.study.specs import reference_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
@@ -75,6 +76,26 @@ def test_grids():
     base[0].train_overrides = {"dataset": {}}
     with pytest.raises(ConfigError, match="train_overrides"):
         train_config(cfg, base[0], Path("rollouts"))
+
+
+def test_a_prm_model_other_than_the_policy_is_every_prms_start_and_reference():
+    """prm_model (e.g. a PRM larger than the generator): every PRM starts from it, and it is the
+    implicit reward's reference and the likelihood baseline's model unless reference_model names one."""
+    from prm_ray.study.report import likelihood_name
+
+    base = ScaleResponsesConfig()
+    big = from_dict(ScaleResponsesConfig, {"prm_model": "artifacts/big"})
+    spec = scale_responses_specs(big)[3]
+    assert (base.prm_base, base.reference) == ("artifacts/policy", "artifacts/policy")
+    assert (big.prm_base, big.reference) == ("artifacts/big", "artifacts/big")
+    tc = train_config(big, spec, Path("rollouts"))
+    assert (tc.model, tc.reference_model) == ("artifacts/big", None)  # None: the reference is the model itself
+    assert tc.out != train_config(base, spec, Path("rollouts")).out
+    assert reference_dir(big, Path("r"), "bfloat16") != reference_dir(base, Path("r"), "bfloat16")
+    named = from_dict(ScaleResponsesConfig, {"prm_model": "artifacts/big", "reference_model": "artifacts/ref"})
+    assert named.reference == "artifacts/ref" and train_config(named, spec, Path("r")).reference_model == "artifacts/ref"
+    assert likelihood_name({"config": to_dict(base)}) == "policy log-likelihood"
+    assert likelihood_name({"config": to_dict(big)}) == "reference log-likelihood (big)"
 
 
 def test_train_variants_add_a_row_per_objective_and_setting():

@@ -51,7 +51,7 @@ def _scaled(value: float | None, share: float) -> float | None:
     return None if value is None else value * share
 
 
-def prm_compute(*, params: int, dataset: DatasetConfig, epochs: int, train_tokens: float, rollouts: RolloutTokens,
+def prm_compute(*, params: int, prm_params: int | None = None, dataset: DatasetConfig, epochs: int, train_tokens: float, rollouts: RolloutTokens,
                 rollout_runs: dict | None, labels_dir: Path | None, labels_timing: dict | None, reference_train: bool,
                 test_tokens: RolloutTokens, reference_infer: bool, train_dir: Path, eval_dir: Path) -> dict:
     """What one PRM cost, stage by stage.
@@ -63,6 +63,8 @@ def prm_compute(*, params: int, dataset: DatasetConfig, epochs: int, train_token
     * reference log-probs (trained with the reference only): one forward over those sequences;
     * training: 6 x params x trained tokens; scoring: the held-out responses, once per model.
 
+    ``params``: the policy's (sampling); ``prm_params``: the PRM's and its reference's (reference
+    pass, training, scoring; None: ``params``).
     ``rollout_runs``: the rollout set's totals over every run that made it (``summary["all_runs"]``);
     ``labels_timing``: the step labels' timing totals. ``build_flops`` leaves out scoring (the
     paper's cost of a PRM: data collection and training).
@@ -94,13 +96,14 @@ def prm_compute(*, params: int, dataset: DatasetConfig, epochs: int, train_token
             prompt_tokens=cp, generated_tokens=cg, completions=completions,
             steps=sum(len(c) for c in per_step), boundaries=sum(1 for c in per_step for x in c[:-1] if x > 0))
         stages["step-label verification"] = stage(0.0, wall_s=totals.get("verify_seconds"), completions=completions)
+    prm_params = params if prm_params is None else prm_params
     if reference_train:
-        stages["reference log-probs"] = stage(forward_flops(params, p_tok + g_tok), tokens=p_tok + g_tok)
-    stages["training"] = stage(train_flops(params, train_tokens), **(read_timing(train_dir, "train") or {}),
+        stages["reference log-probs"] = stage(forward_flops(prm_params, p_tok + g_tok), tokens=p_tok + g_tok)
+    stages["training"] = stage(train_flops(prm_params, train_tokens), **(read_timing(train_dir, "train") or {}),
                                tokens=train_tokens, epochs=epochs)
     t_tok = test_tokens.prompt_total + test_tokens.generated_total
     forwards = 2 if reference_infer else 1
-    stages["scoring"] = stage(forwards * forward_flops(params, t_tok), **(read_timing(eval_dir, "eval") or {}),
+    stages["scoring"] = stage(forwards * forward_flops(prm_params, t_tok), **(read_timing(eval_dir, "eval") or {}),
                               tokens=t_tok, responses=len(test_tokens.generated), forwards_per_token=forwards)
     total = total_flops(stages)
     return {"params": params, "stages": stages, "total_flops": total,

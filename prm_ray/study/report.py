@@ -67,7 +67,8 @@ def _differences(report: dict, ns: list[int]) -> list[str]:
              "bootstrap draw resamples the test problems for both sides and the row's training seeds. An interval "
              "above zero means the reward model beats the baseline beyond the noise of problems and seeds.", ""]
     for title, fmt in (("Best-of-N minus majority voting", "bon@{n} - majority@{n}"),
-                       ("Best-of-N minus best-of-N by the policy's likelihood", "bon@{n} - policy likelihood bon@{n}"),
+                       (f"Best-of-N minus best-of-N by the {likelihood_name(report)}",
+                        "bon@{n} - policy likelihood bon@{n}"),
                        ("Weighted voting minus majority voting", "weighted_mv@{n} - majority@{n}")):
         keys = [(n, fmt.format(n=n)) for n in ns if n > 1]
         lines += [f"{title}:", "", "| reward model | " + " | ".join(f"@{n}" for n, _ in keys) + " |",
@@ -75,7 +76,7 @@ def _differences(report: dict, ns: list[int]) -> list[str]:
         lines += [f"| {r['name']} | " + " | ".join(signed(r["differences"][k]) for _, k in keys) + " |" for r in rows]
         lik = report.get("baseline_likelihood_differences") or {}
         if fmt.startswith("bon@{n} - majority") and lik:
-            lines.append("| policy log-likelihood (no PRM) | " + " | ".join(signed(lik[k]) for _, k in keys) + " |")
+            lines.append(f"| {likelihood_name(report)} (no PRM) | " + " | ".join(signed(lik[k]) for _, k in keys) + " |")
         lines.append("")
     return lines
 
@@ -102,7 +103,7 @@ def markdown(report: dict) -> str:
         "",
         f"Policy alone on the test problems: pass@1 {_pct(base['pass@1'])}, majority@{n} "
         f"{_pct(base[f'majority@{n}'])}, pass@{n} (oracle) {_pct(base[f'pass@{n}'])}"
-        + (f", best-of-{n} by the policy's own log-likelihood {_pct(report['baseline_likelihood'][f'bon@{n}'])}"
+        + (f", best-of-{n} by the {likelihood_name(report)} {_pct(report['baseline_likelihood'][f'bon@{n}'])}"
            if report.get("baseline_likelihood") else "") + ".",
         "",
     ]
@@ -127,7 +128,7 @@ def markdown(report: dict) -> str:
                   f"{iv['draws']} draws, seed {iv['seed']}).", ""]
     lines += _table(report, "bon", ns)
     if report.get("baseline_likelihood"):
-        lines.append("| policy log-likelihood (no PRM) | "
+        lines.append(f"| {likelihood_name(report)} (no PRM) | "
                      + " | ".join(_baseline_cell(report, "baseline_likelihood", f"bon@{k}") for k in ns) + " |")
     lines += ["| majority voting | " + " | ".join(_baseline_cell(report, "baseline", f"majority@{k}") for k in ns) + " |",
               "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _baseline_cell(report, "baseline", f"pass@{k}")
@@ -207,7 +208,7 @@ def _generator_section(report: dict, ns: list[int]) -> list[str]:
                 continue
             lines.append(f"| {r['name']} | " + " | ".join(_cell(x, f"bon@{n}") for n in show)
                          + f" | {signed(x['differences'][f'bon@{show[-1]} - majority@{show[-1]}'])} |")
-        lines += ["| policy log-likelihood (no PRM) | "
+        lines += [f"| {likelihood_name(report)} (no PRM) | "
                   + " | ".join(_baseline_cell(g, "baseline_likelihood", f"bon@{n}") for n in show) + " | |",
                   "| majority voting | " + " | ".join(_baseline_cell(g, "baseline", f"majority@{n}") for n in show)
                   + " | |",
@@ -286,7 +287,8 @@ def _step_section(report: dict) -> list[str]:
              "is the mean of the seeds' (listed in report.json). Thresholds: each seed's own.", "",
              "| reward model | F1 | error acc. | correct acc. | step AUC | threshold |", "|---|---|---|---|---|---|"]
     rows = [(r["name"], r.get("step_level")) for r in report["results"]]
-    rows += [(f"{name} (no PRM)", m) for name, m in sl["baselines"].items()]
+    rows += [(f"{likelihood_name(report) if name == 'policy log-likelihood' else name} (no PRM)", m)
+             for name, m in sl["baselines"].items()]
     for name, m in rows:
         if m is None:
             lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a |")
@@ -321,6 +323,14 @@ def _s(x: float | None) -> str:
 
 COMPUTE_STAGES = ("generation", "verification", "step-label completions", "step-label verification",
                   "reference log-probs", "training", "scoring")
+
+
+def likelihood_name(report: dict) -> str:
+    """The likelihood baseline: the reference's log-likelihood, which is the policy's unless the
+    study names another reference or PRM model."""
+    c = report.get("config") or {}
+    ref = c.get("reference_model") or c.get("prm_model") or c.get("policy")
+    return "policy log-likelihood" if ref == c.get("policy") else f"reference log-likelihood ({Path(str(ref)).name})"
 
 
 def cost_ratios(report: dict) -> list[dict]:
@@ -506,7 +516,7 @@ def plots(report: dict, out: Path) -> list[Path]:
     band(base, report.get("baseline_intervals"), "majority", color="k", ls="--", label="majority voting")
     if report.get("baseline_likelihood"):
         band(report["baseline_likelihood"], report.get("baseline_likelihood_intervals"), "bon", color="grey",
-             ls="-.", label="policy log-likelihood")
+             ls="-.", label=likelihood_name(report))
     ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -558,7 +568,7 @@ def plots(report: dict, out: Path) -> list[Path]:
         for i, r in enumerate(rows):
             for j, (key, color, label) in enumerate(((f"bon@{n} - majority@{n}", "#4477aa", f"minus majority@{n}"),
                                                      (f"bon@{n} - policy likelihood bon@{n}", "#cc6677",
-                                                      f"minus the policy likelihood's best-of-{n}"))):
+                                                      f"minus the {likelihood_name(report)}'s best-of-{n}"))):
                 d = r["differences"][key]
                 y, lo, hi = 100 * d["mean"], 100 * d["interval"][0], 100 * d["interval"][1]
                 ax.errorbar([y], [i + 0.15 * (2 * j - 1)], xerr=[[y - lo], [hi - y]], fmt="o", color=color, capsize=3,

@@ -206,19 +206,20 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log, m
     return LabelSet(out, summary, record)
 
 
-def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: str, params: int,
+def reference_stage(cfg: StudyConfig, rollouts: RolloutSet, dtype: str, label: str,
                     log: Log) -> tuple[Path, StageRecord]:
     """Per-token reference log-probs of a rollout set, computed once and read by every PRM. The
     held-out sets' follow eval.step_split (the release split scores rewritten texts); the training
     set's are of the raw responses, which training scores."""
-    reference = cfg.reference_model or cfg.policy
+    reference = cfg.reference
     split = "blank_line" if label == "train" else cfg.eval.step_split
     out = reference_dir(cfg, rollouts.path, dtype, split)
     log(f"reference log-probs of the {label} responses -> {out}")
     info = reference_logprobs(rollouts.path, reference, out, replace(cfg.eval.pass_config(), dtype=dtype),
                               step_split=split)
     record = StageRecord(f"reference log-probs ({label})", 0.0 if info["reused"] else info["seconds"], info["reused"],
-                         flops=forward_flops(params, rollouts.tokens.prompt_total + rollouts.tokens.generated_total),
+                         flops=forward_flops(count_parameters(reference),
+                                             rollouts.tokens.prompt_total + rollouts.tokens.generated_total),
                          made_s=info["seconds"])
     return out, record
 
@@ -285,7 +286,7 @@ def generator_policy(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[st
                                 made_s=card["train"]["train_seconds"])]
 
 
-def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log) -> tuple[Generator, list[StageRecord]]:
+def generator_stage(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[Generator, list[StageRecord]]:
     """A generator's policy (:func:`generator_policy`), its test rollouts (the same problems as the
     study's) and the reference pass over them (the likelihood baseline, PRMs scored with the
     reference)."""
@@ -294,7 +295,7 @@ def generator_stage(cfg: StudyConfig, g: GeneratorConfig, params: int, log: Log)
     if g.temperature is not None:
         rc.sampling.temperature = g.temperature
     test = rollout_stage(cfg, rc, f"test rollouts ({g.name})", count_parameters(policy), log, policy=policy)
-    ref, record = reference_stage(cfg, test, cfg.eval.dtype, f"test, {g.name}", params, log)
+    ref, record = reference_stage(cfg, test, cfg.eval.dtype, f"test, {g.name}", log)
     return Generator(g.name, policy, g.temperature, test, ref), records + [test.record, record]
 
 
@@ -322,9 +323,9 @@ def step_truth_stage(cfg: StudyConfig, test: RolloutSet, ref_test: Path, params:
     if not task.ERROR_KINDS:
         return None, [], f"task {task.name!r} has no step checker"
     val = rollout_stage(cfg, cfg.validation_rollouts, "validation rollouts", params, log)
-    ref_val, record = reference_stage(cfg, val, cfg.eval.dtype, "validation", params, log)
+    ref_val, record = reference_stage(cfg, val, cfg.eval.dtype, "validation", log)
     with measure() as m:
-        labels = {name: label_steps(path, cfg.policy, task, step_split=cfg.eval.step_split, ref_logprobs=ref)[0]
+        labels = {name: label_steps(path, cfg.prm_base, task, step_split=cfg.eval.step_split, ref_logprobs=ref)[0]
                   for name, path, ref in (("validation", val.path, ref_val), ("test", test.path, ref_test))}
     # Relabelled on every run (seconds): the checker is cheap next to keeping labels per tokenizer.
     log(f"step labels: {labels['test'].num_rows} test and {labels['validation'].num_rows} validation responses "
@@ -417,7 +418,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
         f"(majority {m[f'majority@{cfg.headline_n}']:.3f}, pass@1 {m['pass@1']:.3f})")
     tokens = float(report["compute"]["trained_tokens"])
     compute = prm_compute(
-        params=inputs.params, dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
+        params=inputs.params, prm_params=count_parameters(tc.model), dataset=tc.dataset, epochs=tc.epochs, train_tokens=tokens, rollouts=inputs.train.tokens,
         rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=labels.path if labels else None,
         labels_timing=((labels.summary.get("timing") or {}).get("total") if labels else None),
         reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
@@ -629,8 +630,9 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
 
     if local(cfg.policy) or cfg.bootstrap_if_missing:
         cfg.policy = str(Path(cfg.policy).resolve())
-    if cfg.reference_model and local(cfg.reference_model):
-        cfg.reference_model = str(Path(cfg.reference_model).resolve())
+    for name in ("prm_model", "reference_model"):
+        if getattr(cfg, name) and local(getattr(cfg, name)):
+            setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
     for g in cfg.generators:
         if g.policy and (local(g.policy) or g.bootstrap):
             g.policy = str(Path(g.policy).resolve())
@@ -690,14 +692,14 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         records.append(labels[method].record)
     # Reference log-probs of the test responses, once: the likelihood baseline (the reference
     # itself as the reward model, paper Table 4) and every PRM scored with the reference read them.
-    ref_test, record = reference_stage(cfg, test, cfg.eval.dtype, "test", params, log)
+    ref_test, record = reference_stage(cfg, test, cfg.eval.dtype, "test", log)
     records.append(record)
     # ... and of the training responses, once for every PRM trained with a reference (each run
     # takes a subset of them), in the training's reference-pass dtype: a cached run must train on
     # the same numbers as an uncached one.
     ref_train = None
     if any(s.uses_reference(cfg)[0] and not s.undefined for s in specs):
-        ref_train, record = reference_stage(cfg, train, cfg.train.ref_pass.dtype, "train", params, log)
+        ref_train, record = reference_stage(cfg, train, cfg.train.ref_pass.dtype, "train", log)
         records.append(record)
     # Step-level ground truth of the held-out responses (validation: where thresholds are chosen).
     steps, step_records, no_steps = step_truth_stage(cfg, test, ref_test, params, log)
@@ -705,7 +707,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     # Other generators' test responses (paper Table 1): every PRM also reranks them.
     generators = []
     for g in cfg.generators:
-        gen, gen_records = generator_stage(cfg, g, params, log)
+        gen, gen_records = generator_stage(cfg, g, log)
         generators.append(gen)
         records += gen_records
     inputs = Inputs(params, train, test, labels, ref_test, ref_train, steps, generators)

@@ -126,7 +126,11 @@ class StudyConfig:
     policy: str = param("artifacts/policy", "the policy: a local directory or a Hugging Face model id")
     bootstrap_if_missing: bool = param(True, "train the embedded arith policy into `policy` when that directory "
                                              "has no model (the arith world only)")
-    reference_model: str | None = param(None, "the implicit reward's reference model; null: the policy")
+    prm_model: str | None = param(None, "the model every PRM starts from; null: the policy. Another model (a "
+                                        "larger one: jobs/bootstrap_policy.py --model.*) must share the "
+                                        "policy's tokenizer; it is also the reference unless reference_model")
+    reference_model: str | None = param(None, "the implicit reward's reference model (and the likelihood "
+                                              "baseline's); null: prm_model, else the policy")
     bootstrap: BootstrapConfig = param(factory=BootstrapConfig, help="")
     train_rollouts: RolloutConfig = param(factory=_train_rollouts, help="")
     test_rollouts: RolloutConfig = param(factory=_test_rollouts, help="")
@@ -153,6 +157,16 @@ class StudyConfig:
                                    "stage whose inputs did not change is reused, evaluations included, and any other "
                                    "redone")
     ray_address: str | None = param(None, "null: RAY_ADDRESS, a running local cluster, or a new one")
+
+    @property
+    def prm_base(self) -> str:
+        """The model every PRM starts from."""
+        return self.prm_model or self.policy
+
+    @property
+    def reference(self) -> str:
+        """The implicit reward's reference: the PRM's own starting point unless named (the paper)."""
+        return self.reference_model or self.prm_base
 
     def __post_init__(self) -> None:
         if self.bootstrap_if_missing and self.train_rollouts.task != "arith":
@@ -233,7 +247,7 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
 
 def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str, step_split: str = "blank_line") -> Path:
     """Where a study keeps the per-token reference log-probs of a rollout set (beside it)."""
-    key = [cfg.reference_model or cfg.policy, dtype] + ([step_split] if step_split != "blank_line" else [])
+    key = [cfg.reference, dtype] + ([step_split] if step_split != "blank_line" else [])
     return Path(rollouts) / f"ref-logprobs-{stage_hash(key)}"
 
 
@@ -249,7 +263,7 @@ def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | 
             raise ConfigError(f"{spec.name}: train_overrides names {name!r}, not a top-level train field")
         setattr(tc, name, value)
     tc.__post_init__()
-    tc.data, tc.model, tc.reference_model = str(data), cfg.policy, cfg.reference_model
+    tc.data, tc.model, tc.reference_model = str(data), cfg.prm_base, cfg.reference_model
     tc.use_reference = spec.uses_reference(cfg)[0]
     ds = tc.dataset
     ds.objective, ds.responses_per_instruction = spec.objective, spec.responses_per_instruction
