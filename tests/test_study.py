@@ -108,7 +108,8 @@ def test_train_variants_add_a_row_per_objective_and_setting():
         ("ce", "ce", "none"), ("ce-dataset", "ce", "dataset"), ("ce-b0.5", "ce", "none"),
         ("ce-dataset-b0.5", "ce", "dataset"), ("ce-ep3", "ce", "none"), ("ce-dataset-ep3", "ce", "dataset")]
     tcs = [train_config(cfg, s, Path("rollouts")) for s in specs]
-    assert [(t.beta, t.epochs) for t in tcs] == [(0.05, 1)] * 2 + [(0.5, 1)] * 2 + [(0.05, 3)] * 2
+    b = cfg.train.beta
+    assert b != 0.5 and [(t.beta, t.epochs) for t in tcs] == [(b, 1)] * 2 + [(0.5, 1)] * 2 + [(b, 3)] * 2
     assert len({t.out for t in tcs}) == 6 and tcs[0].lr == tcs[2].lr == tcs[4].lr
     for bad, field_ in (({"a b": {"beta": 1}}, "name 'a b'"), ({"v": {}}, "train_variants.v"),
                         ({"v": {"seed": 3}}, "seed"), ({"v": {"betta": 3}}, "betta")):
