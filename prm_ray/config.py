@@ -77,8 +77,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return from_dict(base, value, prefix=f"{name}.")
     origin = typing.get_origin(base)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+        if isinstance(value, str):  # a flag: "1,2,4" or, as --help prints lists, "[1, 2, 4]"
+            text = value.strip()
+            text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+            value = [v.strip() for v in text.split(",") if v.strip() != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{name}' must be a list, got {value!r}")
         (item_tp, *_rest) = typing.get_args(base) or (Any,)

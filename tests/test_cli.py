@@ -44,6 +44,15 @@ def test_help_shows_each_fields_real_default_and_meaning():
     assert "debug_kill" not in _help(TrainConfig)
 
 
+def test_a_list_flag_takes_commas_or_the_list_as_help_prints_it(capsys):
+    for text in ("8", "2,8", "[2, 8]", " [2,8] "):
+        cfg = parse_args(ScaleResponsesConfig, ["--responses", text, "--objectives", "[ce]"])
+        assert cfg.responses == [int(x) for x in text.strip(" []").split(",")] and cfg.objectives == ["ce"]
+    with pytest.raises(SystemExit):  # argparse's one-line error, naming the field
+        parse_args(ScaleResponsesConfig, ["--responses", "[eight]"])
+    assert "responses[0]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, nearest", [(["--lim", "3"], "--limit"), (["--engine.dtyp", "float16"], "--engine.dtype"),
                                            (["--limt", "3"], "--limit")])
 def test_an_abbreviated_or_unknown_flag_is_an_error_naming_the_nearest(argv, nearest, capsys):
