@@ -388,11 +388,14 @@ class CompareObjectivesConfig(StudyConfig):
                                   f"(top-level TrainConfig fields other than {', '.join(fixed)})")
 
 
+def _objective_spec(objective: str, row: str, **changes: Any) -> PRMSpec:
+    """A compare_objectives row: ``objective`` is e.g. ``ce`` or ``ce-dataset`` (CE, that balancing)."""
+    obj, _, balance = objective.partition("-")
+    return PRMSpec(row, objective=obj, balance=balance or "none", train_overrides=changes, axis={"objective": row})
+
+
 def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
-    specs = []
-    for name in cfg.objectives:
-        obj, _, balance = name.partition("-")
-        specs.append(PRMSpec(name, objective=obj, balance=balance or "none", axis={"objective": name}))
+    specs = [_objective_spec(name, name) for name in cfg.objectives]
     if cfg.reference_ablation:
         for train_ref in (True, False):
             for infer_ref in (True, False):
@@ -403,11 +406,8 @@ def compare_objectives_specs(cfg: CompareObjectivesConfig) -> list[PRMSpec]:
                                      reference_train=train_ref, reference_infer=infer_ref,
                                      axis={"reference (train/inference)": f"{int(train_ref)}/{int(infer_ref)}",
                                            "series": "ce"}))
-    for variant, changes in cfg.train_variants.items():
-        for name in cfg.objectives:
-            obj, _, balance = name.partition("-")
-            specs.append(PRMSpec(f"{name}-{variant}", objective=obj, balance=balance or "none",
-                                 train_overrides=dict(changes), axis={"objective": f"{name}-{variant}"}))
+    specs += [_objective_spec(name, f"{name}-{variant}", **changes)
+              for variant, changes in cfg.train_variants.items() for name in cfg.objectives]
     return specs
 
 
