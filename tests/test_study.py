@@ -94,8 +94,10 @@ def test_a_prm_model_other_than_the_policy_is_every_prms_start_and_reference():
     assert reference_dir(big, Path("r"), "bfloat16") != reference_dir(base, Path("r"), "bfloat16")
     named = from_dict(ScaleResponsesConfig, {"prm_model": "artifacts/big", "reference_model": "artifacts/ref"})
     assert named.reference == "artifacts/ref" and train_config(named, spec, Path("r")).reference_model == "artifacts/ref"
-    assert likelihood_name({"config": to_dict(base)}) == "policy log-likelihood"
-    assert likelihood_name({"config": to_dict(big)}) == "reference log-likelihood (big)"
+    assert likelihood_name({"config": to_dict(base), "likelihood_model": base.reference}) == "policy log-likelihood"
+    assert likelihood_name({"config": to_dict(big), "likelihood_model": big.reference}) == \
+        "reference log-likelihood (big)"
+    assert likelihood_name({"config": to_dict(base)}) == "policy log-likelihood"  # a report from before the field
 
 
 def test_train_variants_add_a_row_per_objective_and_setting():

@@ -326,11 +326,12 @@ COMPUTE_STAGES = ("generation", "verification", "step-label completions", "step-
 
 
 def likelihood_name(report: dict) -> str:
-    """The likelihood baseline: the reference's log-likelihood, which is the policy's unless the
-    study names another reference or PRM model."""
-    c = report.get("config") or {}
-    ref = c.get("reference_model") or c.get("prm_model") or c.get("policy")
-    return "policy log-likelihood" if ref == c.get("policy") else f"reference log-likelihood ({Path(str(ref)).name})"
+    """The likelihood baseline: the reference's log-likelihood (``likelihood_model``, the study's
+    StudyConfig.reference), which is the policy's unless the study names another model."""
+    model = report.get("likelihood_model")
+    if model is None or model == (report.get("config") or {}).get("policy"):
+        return "policy log-likelihood"
+    return f"reference log-likelihood ({Path(str(model)).name})"
 
 
 def cost_ratios(report: dict) -> list[dict]:

@@ -746,6 +746,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
                   "training (train.seed = train.dataset.seed)": list(cfg.seeds), "eval": cfg.eval.seed,
                   "policy": cfg.bootstrap.seed, "bootstrap": cfg.intervals.seed},
         "stages": [r.to_json() for r in records], "wall_seconds": total, "policy_params": params,
+        "likelihood_model": cfg.reference,
         "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
                  "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
         "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
