@@ -83,6 +83,7 @@ def tiny_trained_policy(tmp_path_factory):
     """
     from prm_ray.policy import ModelShape
     from prm_ray.policy.bootstrap import BootstrapConfig, PolicyEvalConfig, bootstrap
+    from prm_ray.resources import cpu_has_native_bf16
     from prm_ray.tasks.arith import ArithConfig
 
     cfg = BootstrapConfig(
@@ -91,6 +92,7 @@ def tiny_trained_policy(tmp_path_factory):
         model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                          max_position_embeddings=128),
         train_problems=500, steps=60, batch_size=16, lr=1e-2,
+        bf16=cpu_has_native_bf16(),  # emulated bf16 is 10x+ slower (AVX2-only CI machines)
         eval=PolicyEvalConfig(num_problems=6, samples=4, max_new_tokens=48, temperature=0.8),
     )
     return cfg, bootstrap(cfg, progress=False)
