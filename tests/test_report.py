@@ -42,6 +42,12 @@ def test_report_files_and_numbers(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["results"][1]["metrics"] is None
     for png in ("bon_vs_n.png", "scaling.png", "stages.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "PRMs start from" not in md  # PRMs start from the policy: nothing more to say
+    report["config"]["prm_model"], report["prm_params"], report["likelihood_model"] = "big", 3000, "big"
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Policy: `p` (1,000 parameters). PRMs start from `big` (3,000 parameters)." in md
+    assert "| reference log-likelihood (big) (no PRM) | 70.0 |" in md
 
 
 def _row(name, bon, reference=False, infer=False, **extra):

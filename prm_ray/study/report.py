@@ -97,7 +97,10 @@ def markdown(report: dict) -> str:
         f"`{cfg['eval']['aggregation']}`, weighted-vote coefficient {cfg['eval']['vote_coef']}. "
         f"Training rollouts: {report['train_rollouts']['instructions']} instructions, "
         f"{report['train_rollouts']['responses']} responses (pass@1 {_pct(report['train_rollouts']['pass@1'])}%). "
-        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters). Accuracy in %.",
+        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters)."
+        + (f" PRMs start from `{cfg['prm_model']}`" + (f" ({report['prm_params']:,} parameters)" if "prm_params" in report
+                                                        else "") + "." if cfg.get("prm_model") else "")
+        + " Accuracy in %.",
         "",
         "## Summary",
         "",
@@ -415,7 +418,8 @@ def _compute_section(report: dict) -> list[str]:
         return []
     n = report["headline_n"]
     lines = ["", "## Accuracy and compute per reward model", "",
-             "FLOPs are estimated from the policy's parameter count and the token counts of each stage: "
+             "FLOPs are estimated from the parameter count of the model each stage runs (the policy samples; the "
+             "reference pass, training and scoring run the PRMs' model) and the token counts of each stage: "
              "2 x parameters per token for a forward pass (sampling, reference log-probs, scoring), 6 x for "
              "training (`prm_ray/core/flops.py`). *Build* is everything needed to make the PRM (data collection "
              "and training), the paper's cost; *total* adds scoring the held-out responses. Seconds: wall "
