@@ -44,8 +44,7 @@ demo: $(STAMP)
 	fi; \
 	ray job submit --working-dir . -- python jobs/$(JOB).py --config $(DEMO_CONFIG) \
 	  --runs_dir "$(RUNS)" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
-	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; \
-	if [ $$rc = 0 ]; then echo "report: $(RUNS)/$(JOB)/report.md"; fi; exit $$rc
+	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; exit $$rc
 
 # Every table and figure of the paper (docs/evaluation.md, "make paper"): the four studies at
 # full size (configs/paper/: 3 training seeds, 500 test problems) one after another in one runs
