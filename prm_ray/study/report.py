@@ -81,6 +81,15 @@ def _differences(report: dict, ns: list[int]) -> list[str]:
     return lines
 
 
+def _prm_start(report: dict) -> str:
+    """The header's sentence on the PRMs' starting model: nothing when it is the policy."""
+    model = report["config"].get("prm_model")
+    if not model:
+        return ""
+    params = f" ({report['prm_params']:,} parameters)" if "prm_params" in report else ""
+    return f" PRMs start from `{model}`{params}."
+
+
 def markdown(report: dict) -> str:
     ns = _ns(report)
     base = report["baseline"]
@@ -97,10 +106,7 @@ def markdown(report: dict) -> str:
         f"`{cfg['eval']['aggregation']}`, weighted-vote coefficient {cfg['eval']['vote_coef']}. "
         f"Training rollouts: {report['train_rollouts']['instructions']} instructions, "
         f"{report['train_rollouts']['responses']} responses (pass@1 {_pct(report['train_rollouts']['pass@1'])}%). "
-        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters)."
-        + (f" PRMs start from `{cfg['prm_model']}`" + (f" ({report['prm_params']:,} parameters)" if "prm_params" in report
-                                                        else "") + "." if cfg.get("prm_model") else "")
-        + " Accuracy in %.",
+        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters).{_prm_start(report)} Accuracy in %.",
         "",
         "## Summary",
         "",

@@ -747,7 +747,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
                   "policy": cfg.bootstrap.seed, "bootstrap": cfg.intervals.seed},
         "stages": [r.to_json() for r in records], "wall_seconds": total, "policy_params": params,
         "likelihood_model": cfg.reference,
-        "prm_params": count_parameters(cfg.prm_base) if cfg.prm_model else params,
+        "prm_params": count_parameters(cfg.prm_base),
         "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
                  "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
         "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
