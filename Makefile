@@ -46,21 +46,29 @@ demo: $(STAMP)
 	  --runs_dir "$(RUNS)" --policy "$(CURDIR)/$(POLICY)" $(DEMO_ARGS); \
 	rc=$$?; if [ $$started = 1 ]; then ray stop >/dev/null; fi; exit $$rc
 
-# Every table and figure of the paper (docs/evaluation.md, "make paper"): the four studies at
-# full size (configs/paper/: 3 training seeds, 500 test problems) one after another in one runs
-# directory, so each reuses what the others made; run it again to resume (finished stages are
-# reused). Then each report, its plots and its resolved config are copied to docs/results/paper/.
-# Hours on 2 CPU cores; each stage prints a line when it starts and the report its wall time.
+# Every table and figure of the paper (docs/evaluation.md, "make paper"): the studies at full size
+# (configs/paper/: 3 training seeds, 500 test problems) one after another in one runs directory,
+# so each reuses what the others made; run it again to resume (finished stages are reused). Each
+# entry of PAPER_STUDIES is a config under configs/paper/ run by the job its first path component
+# names (compare_objectives/table4: jobs/compare_objectives.py), as run `<entry with / as ->`;
+# its report, plots and resolved config are copied to docs/results/paper/<entry>/. Every entry
+# fits a few hours on 2 CPU cores, so a machine that does not outlive the day can run them one
+# at a time (PAPER_STUDIES=<entry>), committing each. A progress line per stage; the report gives
+# each stage's wall time. Then Table 1's parts are put side by side in docs/results/paper/table1.md.
 PAPER_RUNS ?= $(CURDIR)/runs-paper
-PAPER_STUDIES ?= scale_responses compare_objectives compare_baselines scale_instructions
+PAPER_STUDIES ?= scale_responses compare_objectives/table1 compare_objectives/table4 \
+  compare_objectives/table1-weaker compare_objectives/table1-stronger compare_baselines scale_instructions
 PAPER_RESULTS ?= docs/results/paper
 paper: $(STAMP)
-	@for job in $(PAPER_STUDIES); do \
-	  echo "== make paper: $$job (configs/paper/$$job.yaml), $$(date -u '+%F %T') UTC"; \
-	  $(MAKE) --no-print-directory demo JOB=$$job RUNS="$(PAPER_RUNS)" DEMO_CONFIG=configs/paper/$$job.yaml || exit 1; \
-	  mkdir -p $(PAPER_RESULTS)/$$job && cp $(PAPER_RUNS)/$$job/report.md $(PAPER_RUNS)/$$job/report.json \
-	    $(PAPER_RUNS)/$$job/config.yaml $(PAPER_RUNS)/$$job/*.png $(PAPER_RESULTS)/$$job/ || exit 1; \
-	done; echo "== make paper: done, $$(date -u '+%F %T') UTC; results in $(PAPER_RESULTS)"
+	@for study in $(PAPER_STUDIES); do \
+	  job=$${study%%/*}; name=$$(echo $$study | tr / -); \
+	  echo "== make paper: $$study (configs/paper/$$study.yaml, jobs/$$job.py), $$(date -u '+%F %T') UTC"; \
+	  $(MAKE) --no-print-directory demo JOB=$$job RUNS="$(PAPER_RUNS)" DEMO_CONFIG=configs/paper/$$study.yaml \
+	    DEMO_ARGS="--name $$name $(DEMO_ARGS)" || exit 1; \
+	  mkdir -p $(PAPER_RESULTS)/$$study && cp $(PAPER_RUNS)/$$name/report.md $(PAPER_RUNS)/$$name/report.json \
+	    $(PAPER_RUNS)/$$name/config.yaml $(PAPER_RUNS)/$$name/*.png $(PAPER_RESULTS)/$$study/ || exit 1; \
+	done; $(PY) scripts/paper_tables.py --results $(PAPER_RESULTS) || exit 1; \
+	echo "== make paper: done, $$(date -u '+%F %T') UTC; results in $(PAPER_RESULTS)"
 
 # The implicit PRM against Math-Shepherd, with compute (docs/baselines.md).
 baselines:

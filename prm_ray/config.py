@@ -254,7 +254,10 @@ def config_fields(cls: type, defaults: Any = None, prefix: str = "", section: st
         if is_config_class(tp) and dataclasses.is_dataclass(default):
             out.extend(config_fields(tp, default, f"{prefix}{f.name}.", section))
         elif is_config_class(tp):
-            out.extend(config_fields(tp, None, f"{prefix}{f.name}.", section or prefix + f.name))
+            leaves = config_fields(tp, None, f"{prefix}{f.name}.", section or prefix + f.name)
+            if help_text and leaves:  # the section's own documentation, once, on its first field
+                leaves[0] = dataclasses.replace(leaves[0], help=f"[{prefix}{f.name}: {help_text}] {leaves[0].help}")
+            out.extend(leaves)
         else:
             out.append(FieldInfo(prefix + f.name, hints[f.name], default, help_text, hidden, section))
     return out

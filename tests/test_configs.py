@@ -28,3 +28,33 @@ def test_shipped_study_config_is_valid():
     assert cfg.train.strategy == "fsdp" and cfg.eval.num_gpus == 1
     from_dict(CompareObjectivesConfig, data)
     assert from_dict(CompareBaselinesConfig, data).shepherd.completions_per_step == 8
+
+
+PAPER = sorted((CONFIGS / "paper").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[str(p.relative_to(CONFIGS / "paper")) for p in PAPER])
+def test_make_paper_config_loads_into_its_jobs_config(path):
+    """`make paper` runs configs/paper/<job>[/<part>].yaml with jobs/<job>.py (the Makefile's rule)."""
+    import importlib.util
+
+    job = path.relative_to(CONFIGS / "paper").parts[0].removesuffix(".yaml")
+    spec = importlib.util.spec_from_file_location(job, CONFIGS.parent / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = from_dict(module.CONFIG, load_yaml(path))
+    assert cfg.seeds == [0, 1, 2] and cfg.test_rollouts.limit == 500 and cfg.test_rollouts.sampling.n == 64
+
+
+def test_make_paper_splits_table1_by_generator_with_the_same_prms():
+    """Table 1's parts rerank different test responses with the same PRMs (one training config)."""
+    from prm_ray.study import CompareObjectivesConfig
+
+    parts = {p.stem: from_dict(CompareObjectivesConfig, load_yaml(p))
+             for p in (CONFIGS / "paper" / "compare_objectives").glob("table1*.yaml")}
+    assert sorted(parts) == ["table1", "table1-stronger", "table1-weaker"]
+    assert parts["table1"].test_generator is None
+    assert parts["table1-weaker"].test_generator.bootstrap and parts["table1-stronger"].test_generator.temperature
+    for cfg in parts.values():
+        assert (cfg.objectives, cfg.train, cfg.train_rollouts, cfg.seeds) == (
+            parts["table1"].objectives, parts["table1"].train, parts["table1"].train_rollouts, parts["table1"].seeds)

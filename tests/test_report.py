@@ -111,3 +111,63 @@ def test_cost_line_by_line_against_the_paper():
     # Per response: 5 steps, 2 sampled boundaries, 16 completions of 5 tokens against a response's 10.
     assert "| math-shepherd-hard | 5.00 | 2.00 | 16.0 | 0.50 | 12 |" in md
     assert "| math-shepherd-hard / ce-k2 | 9.0x | 16.0x | 4.5x |" in md and "reported 38.8x" in md
+
+
+def test_table1_from_one_study_per_generator(tmp_path):
+    """make paper's Table 1 parts side by side: each generator's header says who sampled its test
+    responses, the combined table carries every part's cells and baselines, and a part whose PRMs
+    were trained otherwise is named."""
+    import sys
+    from pathlib import Path
+
+    from prm_ray.study.report import table1_markdown
+
+    diff = {f"{k}@{n} - {b}": {"mean": 0.25, "interval": [0.1, 0.4]}
+            for n in (1, 2, 4) for k, b in (("bon", f"majority@{n}"), ("weighted_mv", f"majority@{n}"),
+                                            ("bon", f"policy likelihood bon@{n}"))}
+
+    def part(bon, generator=None, lr=1e-4):
+        iv = {k: [v - 0.05, v + 0.04] for k, v in _metrics(bon).items()}
+        return {
+            "study": "s", "title": "t", "axis": "objective", "headline_n": 4,
+            "results": [_row("ce", bon, intervals=iv, differences=diff), _row("dpo", bon - 0.1)],
+            "baseline": _metrics(0.5), "baseline_intervals": {k: [0.4, 0.6] for k in _metrics(0.5)},
+            "baseline_likelihood": _metrics(0.7),
+            "intervals": {"level": 0.95, "draws": 2000, "seed": 0, "method": "bootstrap"},
+            "config": {"policy": "p", "train": {"lr": lr}, "eval": {"protocol": "first", "aggregation": "min",
+                                                                    "vote_coef": 0.001}},
+            "seeds": {"train": [0]}, "stages": [], "wall_seconds": 3.0, "policy_params": 1000,
+            "test": {"problems": 2, "samples_per_problem": 4, "split": "test", "task": "arith", "generator": generator},
+            "train_rollouts": {"instructions": 3, "responses": 24, "responses_per_instruction": 8, "pass@1": 0.5},
+        }
+
+    weak = part(0.6, {"name": "weaker", "policy": "runs/generators/weaker-1", "temperature": None})
+    write_report(weak, tmp_path / "weaker")
+    md = (tmp_path / "weaker" / "report.md").read_text()
+    assert "Test responses: generator `weaker` (`runs/generators/weaker-1`) in place of the policy" in md
+    assert "Generator `weaker` alone on the test problems: pass@1 50.0" in md
+    assert "Test responses" not in table1_markdown({"policy": part(0.8)})  # only the parts' list
+
+    table = table1_markdown({"policy": part(0.8), "weaker": weak}, links={"weaker": "w/report.md"}, ns=(2, 4))
+    assert "| reward model | policy @2 | policy @4 | weaker @2 | weaker @4 | policy: @4 - majority | weaker: @4 - majority |" in table
+    assert "| ce | 80.0 [75.0, 84.0] | 80.0 [75.0, 84.0] | 60.0 [55.0, 64.0] | 60.0 [55.0, 64.0] | +25.0 [+10.0, +40.0] | +25.0 [+10.0, +40.0] |" in table
+    assert "| dpo | 70.0 | 70.0 | 50.0 | 50.0 | n/a | n/a |" in table
+    assert "| majority voting | 55.0 [40.0, 60.0] | 55.0 [40.0, 60.0] | 55.0 [40.0, 60.0] | 55.0 [40.0, 60.0] |  |  |" in table
+    assert "- **weaker**: `runs/generators/weaker-1`; pass@1 50.0; 2 problems x 4 ([report](w/report.md))" in table
+    assert "Not the same PRMs" not in table
+    other = table1_markdown({"policy": part(0.8), "weaker": part(0.6, lr=1e-3)})
+    assert "**Not the same PRMs**: `weaker`'s were trained with another `train.lr` than `policy`'s." in other
+
+    # The script: every part found under <results>/compare_objectives/, the policy's column first,
+    # the configured parts not yet run named.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import paper_tables
+
+    for d, rep in (("table1-weaker", weak), ("table1", part(0.8))):
+        (tmp_path / "results" / "compare_objectives" / d).mkdir(parents=True)
+        (tmp_path / "results" / "compare_objectives" / d / "report.json").write_text(json.dumps(rep))
+    out = paper_tables.main(["--results", str(tmp_path / "results")])
+    text = out.read_text()
+    assert "| reward model | policy @4 | weaker @4 | policy: @4 - majority | weaker: @4 - majority |" in text
+    assert "([report](compare_objectives/table1-weaker/report.md))" in text
+    assert "Not yet run: `compare_objectives/table1-stronger`" in text

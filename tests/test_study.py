@@ -313,6 +313,22 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     assert all(s["reused"] for s in again["stages"]), again["stages"]
     assert [r["compute"]["total_flops"] for r in again["results"]] == [r["compute"]["total_flops"] for r in report["results"]]
 
+    # One generator per study (make paper's Table 1 parts): the hot generator as the test set
+    # reuses its rollouts and the PRM, and reproduces the hot column above.
+    import scale_responses
+    col = {**_tiny(policy, shared_runs), "name": "hot_column", "test_generator": {"name": "hot", "temperature": 1.5}}
+    (tmp_path / "col.json").write_text(json.dumps(col))
+    alone = scale_responses.main(["--config", str(tmp_path / "col.json")])
+    st = {s["stage"]: s for s in alone["stages"]}
+    assert "test rollouts" not in st and st["test rollouts (hot)"]["reused"] and st["train ce-k4 (seed 0)"]["reused"]
+    assert alone["test"]["generator"] == {"name": "hot", "policy": hot["policy"], "temperature": 1.5}
+    assert alone["baseline"] == pytest.approx(hot["baseline"])
+    assert alone["baseline_likelihood"] == pytest.approx(hot["baseline_likelihood"])
+    [row] = alone["results"]
+    assert row["metrics"] == pytest.approx(ce["generators"]["hot"]["metrics"])
+    md = (shared_runs / "hot_column" / "report.md").read_text()
+    assert "Test responses: generator `hot`" in md and "Generator `hot` alone on the test problems" in md
+
 
 def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_changed(tiny_trained_policy, tmp_path):
     """Table 1's weaker generator: the study's bootstrap config with the generator's changes,
@@ -343,6 +359,9 @@ def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_chan
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "same"}]})
     with pytest.raises(ConfigError, match="distinct"):
         from_dict(ScaleResponsesConfig, {"generators": [{"name": "policy", "temperature": 1.0}]})
+    with pytest.raises(ConfigError, match="distinct"):
+        from_dict(ScaleResponsesConfig, {"generators": [{"name": "hot", "temperature": 1.0}],
+                                         "test_generator": {"name": "hot", "temperature": 1.5}})
 
 
 def test_overwriting_a_study_keeps_its_evaluations_and_nothing_else(tmp_path):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from prm_ray.artifacts import write_json
+from prm_ray.artifacts import first_difference, write_json
 from prm_ray.core.objectives import OBJECTIVES
 
-__all__ = ["ci", "cost_ratios", "markdown", "signed", "step_cell", "thresholds", "write_report"]
+__all__ = ["ci", "cost_ratios", "markdown", "signed", "step_cell", "table1_markdown", "thresholds", "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -90,12 +90,23 @@ def _prm_start(report: dict) -> str:
     return f" PRMs start from `{model}`{params}."
 
 
+def _test_source(report: dict) -> tuple[str, str]:
+    """The header's sentence on who sampled the test responses, and the summary's subject."""
+    g = report["test"].get("generator")
+    if not g:
+        return "", "Policy"
+    t = f", temperature {g['temperature']}" if g.get("temperature") is not None else ""
+    return (f" Test responses: generator `{g['name']}` (`{g['policy']}`{t}) in place of the policy, which the "
+            f"PRMs are trained on as in every column of paper Table 1.", f"Generator `{g['name']}`")
+
+
 def markdown(report: dict) -> str:
     ns = _ns(report)
     base = report["baseline"]
     n = report["headline_n"]
     cfg = report["config"]
     test = report["test"]
+    source, subject = _test_source(report)
     lines = [
         f"# {report['title']}",
         "",
@@ -106,11 +117,11 @@ def markdown(report: dict) -> str:
         f"`{cfg['eval']['aggregation']}`, weighted-vote coefficient {cfg['eval']['vote_coef']}. "
         f"Training rollouts: {report['train_rollouts']['instructions']} instructions, "
         f"{report['train_rollouts']['responses']} responses (pass@1 {_pct(report['train_rollouts']['pass@1'])}%). "
-        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters).{_prm_start(report)} Accuracy in %.",
+        f"Policy: `{cfg['policy']}` ({report['policy_params']:,} parameters).{_prm_start(report)}{source} Accuracy in %.",
         "",
         "## Summary",
         "",
-        f"Policy alone on the test problems: pass@1 {_pct(base['pass@1'])}, majority@{n} "
+        f"{subject} alone on the test problems: pass@1 {_pct(base['pass@1'])}, majority@{n} "
         f"{_pct(base[f'majority@{n}'])}, pass@{n} (oracle) {_pct(base[f'pass@{n}'])}"
         + (f", best-of-{n} by the {likelihood_name(report)} {_pct(report['baseline_likelihood'][f'bon@{n}'])}"
            if report.get("baseline_likelihood") else "") + ".",
@@ -607,6 +618,58 @@ def plots(report: dict, out: Path) -> list[Path]:
     paths.append(out / "stages.png")
     fig.savefig(paths[-1], dpi=120)
     return paths
+
+
+# What makes two studies' PRMs the same PRMs (everything else may differ between Table 1's parts).
+PRM_FIELDS = ("policy", "prm_model", "reference_model", "seeds", "objectives", "train", "train_rollouts",
+              "max_pairs_per_instruction")
+
+
+def table1_markdown(parts: dict[str, dict], links: dict[str, str] | None = None,
+                    ns: tuple[int, ...] | None = None) -> str:
+    """Paper Table 1 from one report per generator (``make paper``'s compare_objectives/table1*,
+    keyed by column; ``links``: where each report is): each reward model's best-of-N on each
+    generator's responses, with the generators' baselines (``ns``: the paper's 4, 16, 64, those
+    the reports have). Parts whose PRMs were trained otherwise are named under the table."""
+    links = links or {}
+    names = list(parts)
+    first = parts[names[0]]
+    n = first["headline_n"]
+    ns = ns or [k for k in (4, 16, 64) if f"majority@{k}" in first["baseline"]] or [n]
+    head = " | ".join(f"{g} @{k}" for g in names for k in ns)
+    lines = ["# Paper Table 1: training objectives x generators", "",
+             "Best-of-N (%) of each reward model on the responses of generators of different strength, mean over "
+             f"training seeds with the {100 * first['intervals']['level']:.0f}% interval; the last columns: "
+             f"best-of-{n} minus majority@{n} (paired over problems and seeds), per generator. One study per "
+             "generator (`make paper`'s compare_objectives/table1*), the same PRMs in each: trained on the policy's "
+             "responses and scored on each generator's.", ""]
+    for g, rep in parts.items():
+        src = rep["test"].get("generator") or {"policy": rep["config"]["policy"], "temperature": None}
+        t = "" if src.get("temperature") is None else f", temperature {src['temperature']}"
+        lines.append(f"- **{g}**: `{src['policy']}`{t}; pass@1 {_pct(rep['baseline']['pass@1'])}; "
+                     f"{rep['test']['problems']} problems x {rep['test']['samples_per_problem']}"
+                     + (f" ([report]({links[g]}))" if g in links else ""))
+    lines += ["", f"| reward model | {head} | " + " | ".join(f"{g}: @{n} - majority" for g in names) + " |",
+              "|---|" + "---|" * (len(names) * (len(ns) + 1))]
+    rows = list(dict.fromkeys(r["name"] for rep in parts.values() for r in rep["results"]))
+    for name in rows:
+        cells, diffs = [], []
+        for rep in parts.values():
+            r = next((x for x in rep["results"] if x["name"] == name and x["metrics"] is not None), None)
+            cells += ["n/a" if r is None or f"bon@{k}" not in r["metrics"] else _cell(r, f"bon@{k}") for k in ns]
+            d = (r or {}).get("differences") or {}
+            diffs.append(signed(d[f"bon@{n} - majority@{n}"]) if f"bon@{n} - majority@{n}" in d else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells + diffs) + " |")
+    for label, which, key in ((f"{likelihood_name(first)} (no PRM)", "baseline_likelihood", "bon@{}"),
+                              ("majority voting", "baseline", "majority@{}"), ("pass@N (oracle)", "baseline", "pass@{}")):
+        cells = [_baseline_cell(rep, which, key.format(k)) for rep in parts.values() for k in ns]
+        lines.append(f"| {label} | " + " | ".join(cells + [""] * len(names)) + " |")
+    for g, rep in parts.items():
+        field = first_difference({k: first["config"].get(k) for k in PRM_FIELDS},
+                                 {k: rep["config"].get(k) for k in PRM_FIELDS})
+        if field:
+            lines += ["", f"**Not the same PRMs**: `{g}`'s were trained with another `{field}` than `{names[0]}`'s."]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, out: Path) -> None:

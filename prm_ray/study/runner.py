@@ -286,17 +286,26 @@ def generator_policy(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[st
                                 made_s=card["train"]["train_seconds"])]
 
 
-def generator_stage(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[Generator, list[StageRecord]]:
-    """A generator's policy (:func:`generator_policy`), its test rollouts (the same problems as the
-    study's) and the reference pass over them (the likelihood baseline, PRMs scored with the
-    reference)."""
+def generator_rollouts(cfg: StudyConfig, g: GeneratorConfig | None,
+                       log: Log) -> tuple[str, RolloutSet, list[StageRecord]]:
+    """The model and test rollouts of generator ``g`` (its policy from :func:`generator_policy`, at
+    its temperature; the same problems as the study's), or with ``g`` None the study's policy's."""
+    if g is None:
+        return cfg.policy, rollout_stage(cfg, cfg.test_rollouts, "test rollouts", count_parameters(cfg.policy), log), []
     policy, records = generator_policy(cfg, g, log)
     rc = copy.deepcopy(cfg.test_rollouts)
     if g.temperature is not None:
         rc.sampling.temperature = g.temperature
     test = rollout_stage(cfg, rc, f"test rollouts ({g.name})", count_parameters(policy), log, policy=policy)
+    return policy, test, records + [test.record]
+
+
+def generator_stage(cfg: StudyConfig, g: GeneratorConfig, log: Log) -> tuple[Generator, list[StageRecord]]:
+    """A generator's test rollouts (:func:`generator_rollouts`) and the reference pass over them
+    (the likelihood baseline, PRMs scored with the reference)."""
+    policy, test, records = generator_rollouts(cfg, g, log)
     ref, record = reference_stage(cfg, test, cfg.eval.dtype, f"test, {g.name}", log)
-    return Generator(g.name, policy, g.temperature, test, ref), records + [test.record, record]
+    return Generator(g.name, policy, g.temperature, test, ref), records + [record]
 
 
 @dataclass
@@ -633,7 +642,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     for name in ("prm_model", "reference_model"):
         if getattr(cfg, name) and local(getattr(cfg, name)):
             setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
-    for g in cfg.generators:
+    for g in cfg.generators + ([cfg.test_generator] if cfg.test_generator else []):
         if g.policy and (local(g.policy) or g.bootstrap):
             g.policy = str(Path(g.policy).resolve())
     return cfg
@@ -682,8 +691,10 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     init_ray(cfg.ray_address)
     # Rollouts: training instructions and held-out test problems (disjoint splits).
     train = rollout_stage(cfg, cfg.train_rollouts, "train rollouts", params, log)
-    test = rollout_stage(cfg, cfg.test_rollouts, "test rollouts", params, log)
-    records += [train.record, test.record]
+    records.append(train.record)
+    # The test responses: the policy's, or another generator's (one column of paper Table 1).
+    test_policy, test, test_records = generator_rollouts(cfg, cfg.test_generator, log)
+    records += test_records
     # Step labels of the training rollouts (only studies with an explicit PRM): Math-Shepherd's,
     # and the step checker's for an exact-label row.
     labels = {}
@@ -749,7 +760,9 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
         "likelihood_model": cfg.reference,
         "prm_params": count_parameters(cfg.prm_base),
         "test": {"problems": test.summary["instructions"], "samples_per_problem": cfg.test_rollouts.sampling.n,
-                 "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task},
+                 "split": cfg.test_rollouts.split, "task": cfg.test_rollouts.task,
+                 "generator": cfg.test_generator and {"name": cfg.test_generator.name, "policy": test_policy,
+                                                      "temperature": cfg.test_generator.temperature}},
         "train_rollouts": {"instructions": train.summary["instructions"], "responses": train.summary["responses"],
                            "responses_per_instruction": cfg.train_rollouts.sampling.n,
                            "pass@1": train.summary["pass@1"]},

@@ -139,6 +139,10 @@ class StudyConfig:
     train_rollouts: RolloutConfig = param(factory=_train_rollouts, help="")
     test_rollouts: RolloutConfig = param(factory=_test_rollouts, help="")
     validation_rollouts: RolloutConfig = param(factory=_validation_rollouts, help="")
+    test_generator: GeneratorConfig | None = param(None, "the generator of the test responses in place of the "
+                                                         "policy, as an entry of `generators`: one column of "
+                                                         "paper Table 1 per study, the PRMs, their training and "
+                                                         "validation unchanged; null: the policy")
     generators: list[GeneratorConfig] = param(factory=list, help="other generators whose test responses every PRM "
                                                                  "also reranks (paper Table 1; YAML only): each "
                                                                  "`name`, `policy`, `bootstrap`, `temperature`")
@@ -181,9 +185,10 @@ class StudyConfig:
         if self.step_eval and self.validation_rollouts.split in (self.train_rollouts.split, self.test_rollouts.split):
             raise ConfigError(f"validation_rollouts.split is {self.validation_rollouts.split!r}, a split the study "
                               "trains or tests on; step-level thresholds must be chosen on other problems")
-        names = [g.name for g in self.generators]
+        names = [g.name for g in self.generators] + ([self.test_generator.name] if self.test_generator else [])
         if len(set(names)) != len(names) or "policy" in names:
-            raise ConfigError(f"generators: names must be distinct and not 'policy' (the study's own), got {names}")
+            raise ConfigError(f"generators and test_generator: names must be distinct and not 'policy' (the study's "
+                              f"own), got {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) \
                 or any(isinstance(x, bool) or not isinstance(x, int) for x in self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
