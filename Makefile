@@ -54,10 +54,12 @@ demo: $(STAMP)
 # its report, plots and resolved config are copied to docs/results/paper/<entry>/. Every entry
 # fits a few hours on 2 CPU cores, so a machine that does not outlive the day can run them one
 # at a time (PAPER_STUDIES=<entry>), committing each. A progress line per stage; the report gives
-# each stage's wall time. Then Table 1's parts are put side by side in docs/results/paper/table1.md.
+# each stage's wall time. Then scripts/paper_tables.py puts the parts of Table 1 and Figure 4 together
+# (docs/results/paper/table1.md, figure4/).
 PAPER_RUNS ?= $(CURDIR)/runs-paper
 PAPER_STUDIES ?= scale_responses compare_objectives/table1 compare_objectives/table4 \
-  compare_objectives/table1-weaker compare_objectives/table1-stronger compare_baselines scale_instructions
+  compare_objectives/table1-weaker compare_objectives/table1-stronger compare_baselines \
+  scale_instructions/1k-4k scale_instructions/8k
 PAPER_RESULTS ?= docs/results/paper
 paper: $(STAMP)
 	@for study in $(PAPER_STUDIES); do \

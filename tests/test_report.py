@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from prm_ray.study.report import write_report
 
 
@@ -166,8 +168,57 @@ def test_table1_from_one_study_per_generator(tmp_path):
     for d, rep in (("table1-weaker", weak), ("table1", part(0.8))):
         (tmp_path / "results" / "compare_objectives" / d).mkdir(parents=True)
         (tmp_path / "results" / "compare_objectives" / d / "report.json").write_text(json.dumps(rep))
-    out = paper_tables.main(["--results", str(tmp_path / "results")])
+    out, = paper_tables.main(["--results", str(tmp_path / "results")])  # no Figure 4 parts: no figure
     text = out.read_text()
     assert "| reward model | policy @4 | weaker @4 | policy: @4 - majority | weaker: @4 - majority |" in text
     assert "([report](compare_objectives/table1-weaker/report.md))" in text
     assert "Not yet run: `compare_objectives/table1-stronger`" in text
+
+
+def test_figure4_from_parts_that_share_their_test_responses(tmp_path):
+    """make paper's scale_instructions parts: rows of both, ordered along the axis, with their own
+    intervals and differences; parts that sampled other test responses are refused, naming them."""
+    import sys
+    from pathlib import Path
+
+    from prm_ray.study.report import merge_parts
+
+    def row(f, bon):
+        return {**_row(f"ce-f{int(100 * f)}", bon), "instruction_fraction": f,
+                "axis": {"instruction_fraction": f, "series": "ce"},
+                "intervals": {k: [v - 0.05, v + 0.04] for k, v in _metrics(bon).items()},
+                "differences": {f"{k}@{n} - {b}": {"mean": bon - 0.55, "interval": [bon - 0.6, bon - 0.5]}
+                                for n in (1, 2, 4) for k, b in (("bon", f"majority@{n}"), ("weighted_mv", f"majority@{n}"),
+                                                                ("bon", f"policy likelihood bon@{n}"))}}
+
+    def part(rows, majority=0.55):
+        base = {**_metrics(0.5), **{f"majority@{n}": majority for n in (1, 2, 4)}}
+        return {"study": "s", "title": "Figure 4", "axis": "instruction_fraction", "headline_n": 4, "results": rows,
+                "baseline": base, "baseline_likelihood": _metrics(0.7),
+                "intervals": {"level": 0.95, "draws": 2000, "seed": 0, "method": "bootstrap"},
+                "config": {"policy": "p"}, "stages": [{"stage": "x", "wall_s": 1.0, "reused": False}],
+                "test": {"problems": 2, "samples_per_problem": 4, "split": "test", "task": "arith"}}
+
+    parts = {"8k": part([row(1.0, 0.9)]), "1k-4k": part([row(0.5, 0.8), row(0.125, 0.6)])}
+    md = merge_parts(parts, tmp_path / "fig", links={"8k": "a/report.md"})
+    table = md.split("## Best-of-N")[1]
+    assert table.index("| ce-f12 |") < table.index("| ce-f50 |") < table.index("| ce-f100 |")
+    assert "| ce-f100 | 90.0 [85.0, 94.0] | 90.0 [85.0, 94.0] | 90.0 [85.0, 94.0] |" in table
+    assert "| ce-f12 | +5.0 [+0.0, +10.0] |" in table  # its paired difference, from its own part
+    assert "Parts: [8k](a/report.md), 1k-4k." in md
+    for png in ("scaling.png", "bon_vs_n.png", "differences.png"):
+        assert (tmp_path / "fig" / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "fig" / "stages.png").exists()  # each part has its own
+    with pytest.raises(ValueError, match="1k-4k has other test responses than 8k"):
+        merge_parts({"8k": part([row(1.0, 0.9)]), "1k-4k": part([row(0.5, 0.8)], majority=0.6)}, tmp_path / "bad")
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import paper_tables
+
+    for name, rep in parts.items():
+        (tmp_path / "results" / "scale_instructions" / name).mkdir(parents=True)
+        (tmp_path / "results" / "scale_instructions" / name / "report.json").write_text(json.dumps(rep))
+    [out] = paper_tables.main(["--results", str(tmp_path / "results")])  # no Table 1 parts: no table
+    assert out == tmp_path / "results" / "figure4" / "report.md"
+    assert "Parts: [1k-4k](../scale_instructions/1k-4k/report.md), [8k](../scale_instructions/8k/report.md)." in out.read_text()
+    assert "Not yet run" not in out.read_text()

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from prm_ray.artifacts import first_difference, write_json
 from prm_ray.core.objectives import OBJECTIVES
 
-__all__ = ["ci", "cost_ratios", "markdown", "signed", "step_cell", "table1_markdown", "thresholds", "write_report"]
+__all__ = ["ci", "cost_ratios", "markdown", "merge_parts", "signed", "step_cell", "table1_markdown", "thresholds", "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -54,6 +54,19 @@ def _table(report: dict, kind: str, ns: list[int]) -> list[str]:
 
 def _baseline_cell(report: dict, which: str, key: str) -> str:
     return ci(report[which][key], (report.get(f"{which}_intervals") or {}).get(key))
+
+
+def _baseline_rows(report: dict, ns: list[int]) -> list[str]:
+    """The best-of-N table's rows without a PRM: the likelihood, voting, the oracle, pass@1."""
+    lines = []
+    if report.get("baseline_likelihood"):
+        lines.append(f"| {likelihood_name(report)} (no PRM) | "
+                     + " | ".join(_baseline_cell(report, "baseline_likelihood", f"bon@{k}") for k in ns) + " |")
+    return lines + [
+        "| majority voting | " + " | ".join(_baseline_cell(report, "baseline", f"majority@{k}") for k in ns) + " |",
+        "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _baseline_cell(report, "baseline", f"pass@{k}")
+                                           for k in ns) + " |",
+        "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
 
 
 def _differences(report: dict, ns: list[int]) -> list[str]:
@@ -146,14 +159,7 @@ def markdown(report: dict) -> str:
     if iv:
         lines += [f"Mean over training seeds; in brackets the {100 * iv['level']:.0f}% interval ({iv['method']}, "
                   f"{iv['draws']} draws, seed {iv['seed']}).", ""]
-    lines += _table(report, "bon", ns)
-    if report.get("baseline_likelihood"):
-        lines.append(f"| {likelihood_name(report)} (no PRM) | "
-                     + " | ".join(_baseline_cell(report, "baseline_likelihood", f"bon@{k}") for k in ns) + " |")
-    lines += ["| majority voting | " + " | ".join(_baseline_cell(report, "baseline", f"majority@{k}") for k in ns) + " |",
-              "| pass@N (oracle) | " + " | ".join("-" if k == 1 else _baseline_cell(report, "baseline", f"pass@{k}")
-                                                 for k in ns) + " |",
-              "| pass@1 | " + " | ".join(_baseline_cell(report, "baseline", "pass@1") for _ in ns) + " |"]
+    lines += _table(report, "bon", ns) + _baseline_rows(report, ns)
     lines += _differences(report, ns)
     if any(r.get("differences") for r in report["results"]):
         lines += ["![differences](differences.png)", ""]
@@ -605,8 +611,9 @@ def plots(report: dict, out: Path) -> list[Path]:
         paths.append(out / "differences.png")
         fig.savefig(paths[-1], dpi=120)
 
+    if not report["stages"]:  # a figure merged from parts (merge_parts): each part has its own
+        return paths
     fig = Figure(figsize=(7, 0.35 * len(report["stages"]) + 1.2))
-
     ax = fig.subplots()
     names = [s["stage"] for s in report["stages"]]
     ax.barh(names, [s["wall_s"] if s.get("made_wall_s") is None else s["made_wall_s"] for s in report["stages"]],
@@ -670,6 +677,39 @@ def table1_markdown(parts: dict[str, dict], links: dict[str, str] | None = None,
         if field:
             lines += ["", f"**Not the same PRMs**: `{g}`'s were trained with another `{field}` than `{names[0]}`'s."]
     return "\n".join(lines) + "\n"
+
+
+def merge_parts(parts: dict[str, dict], out: Path, links: dict[str, str] | None = None) -> str:
+    """One figure from a study split into parts along its axis (``make paper``'s
+    scale_instructions/*): the rows of every part side by side, each with its own intervals and
+    paired differences, and the study's plots into ``out``; the markdown is returned. The parts
+    must share their test responses (the same baselines), or their rows would not be paired."""
+    names = list(parts)
+    first = parts[names[0]]
+    for name in names[1:]:
+        if parts[name]["baseline"] != first["baseline"]:
+            raise ValueError(f"{name} has other test responses than {names[0]} (its majority voting differs): "
+                             "parts of one figure must be run where they sample the same test responses")
+    axis = first["axis"]
+    rows = sorted((r for rep in parts.values() for r in rep["results"]),
+                  key=lambda r: (str(r["axis"].get("series", "")), r["axis"].get(axis, 0)))
+    merged = {**first, "results": rows, "stages": []}
+    out.mkdir(parents=True, exist_ok=True)
+    plots(merged, out)
+    ns = _ns(merged)
+    links = links or {}
+    lines = [f"# {first['title']}", "",
+             f"Rows of {len(names)} studies run apart, on the same {first['test']['problems']} test problems x "
+             f"{first['test']['samples_per_problem']} responses (the same baselines, so every difference is paired). "
+             "Mean over training seeds with the "
+             f"{100 * first['intervals']['level']:.0f}% interval. Parts: "
+             + ", ".join(f"[{n}]({links[n]})" if n in links else n for n in names) + ".", "",
+             "## Best-of-N (rows: reward model; columns: N)", "",
+             *_table(merged, "bon", ns), *_baseline_rows(merged, ns), *_differences(merged, ns),
+             "![scaling](scaling.png)", "", "![best-of-N](bon_vs_n.png)", ""]
+    if any(r.get("differences") for r in rows):
+        lines += ["![differences](differences.png)", ""]
+    return "\n".join(lines)
 
 
 def write_report(report: dict, out: Path) -> None:
