@@ -316,7 +316,8 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     # One generator per study (make paper's Table 1 parts): the hot generator as the test set
     # reuses its rollouts and the PRM, and reproduces the hot column above.
     import scale_responses
-    col = {**_tiny(policy, shared_runs), "name": "hot_column", "test_generator": {"name": "hot", "temperature": 1.5}}
+    col = {**_tiny(policy, shared_runs), "name": "hot_column", "objectives": ["ce"],
+           "test_generator": {"name": "hot", "temperature": 1.5}}
     (tmp_path / "col.json").write_text(json.dumps(col))
     alone = scale_responses.main(["--config", str(tmp_path / "col.json")])
     st = {s["stage"]: s for s in alone["stages"]}

@@ -291,7 +291,8 @@ def generator_rollouts(cfg: StudyConfig, g: GeneratorConfig | None,
     """The model and test rollouts of generator ``g`` (its policy from :func:`generator_policy`, at
     its temperature; the same problems as the study's), or with ``g`` None the study's policy's."""
     if g is None:
-        return cfg.policy, rollout_stage(cfg, cfg.test_rollouts, "test rollouts", count_parameters(cfg.policy), log), []
+        test = rollout_stage(cfg, cfg.test_rollouts, "test rollouts", count_parameters(cfg.policy), log)
+        return cfg.policy, test, [test.record]
     policy, records = generator_policy(cfg, g, log)
     rc = copy.deepcopy(cfg.test_rollouts)
     if g.temperature is not None:
