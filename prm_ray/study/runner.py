@@ -643,7 +643,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     for name in ("prm_model", "reference_model"):
         if getattr(cfg, name) and local(getattr(cfg, name)):
             setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
-    for g in cfg.generators + ([cfg.test_generator] if cfg.test_generator else []):
+    for g in cfg.all_generators:
         if g.policy and (local(g.policy) or g.bootstrap):
             g.policy = str(Path(g.policy).resolve())
     return cfg

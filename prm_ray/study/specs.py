@@ -172,6 +172,11 @@ class StudyConfig:
         return self.prm_model or self.policy
 
     @property
+    def all_generators(self) -> list[GeneratorConfig]:
+        """``generators`` and the ``test_generator`` (if any): every generator the study samples."""
+        return self.generators + ([self.test_generator] if self.test_generator else [])
+
+    @property
     def reference(self) -> str:
         """The implicit reward's reference: the PRM's own starting point unless named (the paper)."""
         return self.reference_model or self.prm_base
@@ -185,7 +190,7 @@ class StudyConfig:
         if self.step_eval and self.validation_rollouts.split in (self.train_rollouts.split, self.test_rollouts.split):
             raise ConfigError(f"validation_rollouts.split is {self.validation_rollouts.split!r}, a split the study "
                               "trains or tests on; step-level thresholds must be chosen on other problems")
-        names = [g.name for g in self.generators] + ([self.test_generator.name] if self.test_generator else [])
+        names = [g.name for g in self.all_generators]
         if len(set(names)) != len(names) or "policy" in names:
             raise ConfigError(f"generators and test_generator: names must be distinct and not 'policy' (the study's "
                               f"own), got {names}")
