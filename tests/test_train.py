@@ -82,6 +82,41 @@ def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def test_a_materialized_training_set_gives_every_worker_the_rows_of_the_streamed_one(ray_session, tmp_path):
+    """Read once into the object store for a second epoch, the examples still reach each of two
+    workers as Ray Train's ordered split of the files hands them out, epoch after epoch."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prm_ray.stages.train.driver import train_dataset
+
+    for i in range(4):
+        pq.write_table(pa.table({"row": list(range(10 * i, 10 * i + 10))}), tmp_path / f"part-{i:05d}.parquet")
+
+    def rows_per_worker(materialize: bool) -> list[list[int]]:
+        ds = train_dataset(str(tmp_path), materialize)
+        ds.context.execution_options.preserve_order = True  # as the trainer's ingest options
+        splits, got = ds.streaming_split(2, equal=True), [[], []]
+
+        def consume(k):
+            for _ in range(2):  # epochs
+                for b in splits[k].iter_batches(batch_size=4, batch_format="pyarrow"):
+                    got[k] += b.column("row").to_pylist()
+
+        threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return got
+
+    streamed = rows_per_worker(False)
+    assert sorted(streamed[0][:20] + streamed[1][:20]) == list(range(40))
+    assert rows_per_worker(True) == streamed
+
+
 def test_every_steps_metrics_reach_tensorboard(ce_run):
     cfg, report = ce_run
     history = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
