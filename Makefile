@@ -30,7 +30,7 @@ check: lint test
 # the job server itself: `ray status` also succeeds for a local cluster started by `ray.init()` (a
 # test or a benchmark), which has no job server to submit to.
 # JOB: any study in jobs/ (scale_responses, scale_instructions, compare_objectives, compare_baselines).
-# DEMO_CONFIG: the study's size (configs/demo.yaml: one training seed, 150 test problems).
+# DEMO_CONFIG: the study's size (configs/demo.yaml: one training seed, 150 test problems x 16 samples).
 DEMO_ARGS ?=
 DEMO_CONFIG ?= configs/demo.yaml
 JOB ?= scale_responses

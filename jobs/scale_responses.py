@@ -1,7 +1,8 @@
 """The paper's response-scaling study (Figure 5), end to end: policy -> training and test rollouts
 -> implicit PRMs for k responses per instruction x objective -> best-of-N evaluation -> report.
 
-    python jobs/scale_responses.py                                    # embedded default, ~25 min here
+    python jobs/scale_responses.py                                    # embedded default: 3 seeds x 500 problems, ~2-3 h on 2 cores
+    python jobs/scale_responses.py --config configs/demo.yaml         # make demo's size, ~28 min on 2 cores
     ray job submit --working-dir . -- python jobs/scale_responses.py --runs_dir $PWD/runs
     python jobs/scale_responses.py --config configs/llama3-8b-math.yaml   # a GPU cluster
 

@@ -58,3 +58,18 @@ def test_make_paper_splits_table1_by_generator_with_the_same_prms():
     for cfg in parts.values():
         assert (cfg.objectives, cfg.train, cfg.train_rollouts, cfg.seeds) == (
             parts["table1"].objectives, parts["table1"].train, parts["table1"].train_rollouts, parts["table1"].seeds)
+
+
+def test_make_demo_is_make_papers_scale_responses_made_smaller_on_the_test_side_only():
+    """configs/demo.yaml trains the PRMs of `make paper`'s scale_responses (its seed 0) and cuts only
+    the test side; with the `first` protocol its best-of-16 is the same N samples as the paper's."""
+    from prm_ray.study import ScaleResponsesConfig
+
+    demo = from_dict(ScaleResponsesConfig, load_yaml(CONFIGS / "demo.yaml"))
+    paper = from_dict(ScaleResponsesConfig, load_yaml(CONFIGS / "paper" / "scale_responses.yaml"))
+    assert (demo.train, demo.train_rollouts, demo.responses, demo.objectives) == (
+        paper.train, paper.train_rollouts, paper.responses, paper.objectives)
+    assert demo.seeds == paper.seeds[:1] and demo.validation_rollouts == paper.validation_rollouts
+    assert demo.eval == paper.eval and demo.eval.protocol == "first"
+    assert demo.headline_n <= demo.test_rollouts.sampling.n <= paper.test_rollouts.sampling.n
+    assert demo.test_rollouts.limit < paper.test_rollouts.limit
