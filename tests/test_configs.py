@@ -1,5 +1,6 @@
 """The shipped YAML configs load into the typed configs (no unknown or mistyped fields)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,8 @@ def test_make_demo_is_make_papers_scale_responses_made_smaller_on_the_test_side_
     assert demo.eval == paper.eval and demo.eval.protocol == "first"
     assert demo.headline_n <= demo.test_rollouts.sampling.n <= paper.test_rollouts.sampling.n
     assert demo.test_rollouts.limit < paper.test_rollouts.limit
+    # The same sampling (seed included) but for n: each sample's seed is its index's, so the
+    # demo's 16 are the first 16 of the paper's 64.
+    smaller = dataclasses.replace(paper.test_rollouts, limit=demo.test_rollouts.limit, sampling=dataclasses.replace(
+        paper.test_rollouts.sampling, n=demo.test_rollouts.sampling.n))
+    assert demo.test_rollouts == smaller
