@@ -1,6 +1,7 @@
 """The paper's tables and figures that `make paper` runs in parts, put together:
 Table 1 (<results>/table1.md): every <results>/compare_objectives/table1*/report.json found, one
-column group per generator; Figure 4 (<results>/figure4/): the rows of every
+column group per generator, with <results>/compare_baselines/report.json's Math-Shepherd PRMs in
+the columns whose test responses it scored; Figure 4 (<results>/figure4/): the rows of every
 <results>/scale_instructions/*/report.json. Parts configured in configs/paper/ but not yet run are
 named.
 
@@ -54,7 +55,9 @@ def table1(results: Path) -> Path | None:
         print(f"no Table 1 parts under {results / 'compare_objectives'} yet")
         return None
     parts = dict(sorted(parts.items(), key=lambda kv: kv[0] != "policy"))  # the policy's column first
-    md = table1_markdown(parts, links) + _todo("compare_objectives", {Path(x).parent.name for x in links.values()},
+    baselines = results / "compare_baselines" / "report.json"  # Math-Shepherd's rows, where it has run
+    extra = json.loads(baselines.read_text()) if baselines.exists() else None
+    md = table1_markdown(parts, links, baselines=extra, baselines_link="compare_baselines/report.md") + _todo("compare_objectives", {Path(x).parent.name for x in links.values()},
                                                prefix="table1")
     out = results / "table1.md"
     out.write_text(md)

@@ -160,6 +160,32 @@ def test_table1_from_one_study_per_generator(tmp_path):
     other = table1_markdown({"policy": part(0.8), "weaker": part(0.6, lr=1e-3)})
     assert "**Not the same PRMs**: `weaker`'s were trained with another `train.lr` than `policy`'s." in other
 
+    # compare_baselines' Math-Shepherd PRMs join in the columns whose test responses it scored:
+    # its own test set (the policy's) and its `generators` (here `weaker`, not `stronger`); its
+    # implicit rows stay out (they are Table 1's own).
+    def other_responses(rep, majority):
+        return {**rep, "baseline": {**rep["baseline"], **{f"majority@{n}": majority for n in (1, 2, 4)}}}
+
+    weak, strong = other_responses(weak, 0.3), other_responses(part(0.85), 0.6)
+    ms = _row("math-shepherd-hard", 0.45, objective="math-shepherd-hard", intervals={"bon@4": [0.4, 0.5]},
+              differences={"bon@4 - majority@4": {"mean": -0.1, "interval": [-0.2, -0.01]}},
+              generators={"weaker": {"metrics": _metrics(0.2), "differences": {}}})
+    cb = {**part(0.8), "results": [_row("ce-k8", 0.9), ms, {**_row("math-shepherd-soft", 0.1),
+                                                              "objective": "math-shepherd-soft", "metrics": None}],
+          "generators": {"weaker": {"baseline": weak["baseline"]}, "stronger": {"baseline": _metrics(0.1)}}}
+    cb["config"] = {**cb["config"], "shepherd": {"completions_per_step": 8}}
+    table = table1_markdown({"policy": part(0.8), "stronger": strong, "weaker": weak}, baselines=cb,
+                            baselines_link="compare_baselines/report.md")
+    assert "| math-shepherd-hard | 45.0 [40.0, 50.0] | n/a | 20.0 | -10.0 [-20.0, -1.0] | n/a | n/a |" in table
+    assert "ce-k8" not in table and "math-shepherd-soft |" not in table  # a row without numbers: none
+    assert ("`math-shepherd-hard`: [compare_baselines](compare_baselines/report.md)'s explicit PRMs (Math-Shepherd "
+            "step labels from 8 completions per step") in table
+    assert "scored on the responses of `policy`, `weaker`; `n/a` where" in table and "Not the same training" not in table
+    moved = {**cb, "config": {**cb["config"], "train_rollouts": {"limit": 5}}}
+    assert "**Not the same training data**: compare_baselines' `train_rollouts` is not `policy`'s." in \
+        table1_markdown({"policy": part(0.8)}, baselines=moved)
+    assert "math-shepherd" not in table1_markdown({"stronger": strong}, baselines=cb)  # it scored none of them
+
     # The script: every part found under <results>/compare_objectives/, the policy's column first,
     # the configured parts not yet run named.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -168,8 +194,12 @@ def test_table1_from_one_study_per_generator(tmp_path):
     for d, rep in (("table1-weaker", weak), ("table1", part(0.8))):
         (tmp_path / "results" / "compare_objectives" / d).mkdir(parents=True)
         (tmp_path / "results" / "compare_objectives" / d / "report.json").write_text(json.dumps(rep))
+    (tmp_path / "results" / "compare_baselines").mkdir()
+    (tmp_path / "results" / "compare_baselines" / "report.json").write_text(json.dumps(cb))
     out, = paper_tables.main(["--results", str(tmp_path / "results")])  # no Figure 4 parts: no figure
     text = out.read_text()
+    assert "| math-shepherd-hard | 45.0 [40.0, 50.0] | 20.0 | -10.0 [-20.0, -1.0] | n/a |" in text
+    assert "[compare_baselines](compare_baselines/report.md)" in text
     assert "| reward model | policy @4 | weaker @4 | policy: @4 - majority | weaker: @4 - majority |" in text
     assert "([report](compare_objectives/table1-weaker/report.md))" in text
     assert "Not yet run: `compare_objectives/table1-stronger`" in text

@@ -632,12 +632,29 @@ PRM_FIELDS = ("policy", "prm_model", "reference_model", "seeds", "objectives", "
               "max_pairs_per_instruction")
 
 
+def _explicit_rows(baselines: dict, part: dict, g: str) -> dict[str, dict]:
+    """The explicit (Math-Shepherd) PRMs' numbers of a compare_baselines report on generator
+    ``g``'s test responses, keyed by row name: its own test set, or one of its ``generators``,
+    whichever sampled the same responses as ``part`` (same baselines); none if neither did."""
+    rows = [r for r in baselines["results"] if str(r.get("objective", "")).startswith("math-shepherd")
+            and r.get("metrics") is not None]
+    if baselines["baseline"] == part["baseline"]:
+        return {r["name"]: r for r in rows}
+    other = (baselines.get("generators") or {}).get(g)
+    if other is not None and other.get("baseline") == part["baseline"]:
+        return {r["name"]: r["generators"][g] for r in rows if g in (r.get("generators") or {})}
+    return {}
+
+
 def table1_markdown(parts: dict[str, dict], links: dict[str, str] | None = None,
-                    ns: tuple[int, ...] | None = None) -> str:
+                    ns: tuple[int, ...] | None = None, baselines: dict | None = None,
+                    baselines_link: str | None = None) -> str:
     """Paper Table 1 from one report per generator (``make paper``'s compare_objectives/table1*,
     keyed by column; ``links``: where each report is): each reward model's best-of-N on each
     generator's responses, with the generators' baselines (``ns``: the paper's 4, 16, 64, those
-    the reports have). Parts whose PRMs were trained otherwise are named under the table."""
+    the reports have). Parts whose PRMs were trained otherwise are named under the table.
+    ``baselines``: a compare_baselines report (at ``baselines_link``), whose Math-Shepherd PRMs
+    join the table in the columns whose test responses it scored (``n/a`` in the others)."""
     links = links or {}
     names = list(parts)
     first = parts[names[0]]
@@ -658,11 +675,14 @@ def table1_markdown(parts: dict[str, dict], links: dict[str, str] | None = None,
                      + (f" ([report]({links[g]}))" if g in links else ""))
     lines += ["", f"| reward model | {head} | " + " | ".join(f"{g}: @{n} - majority" for g in names) + " |",
               "|---|" + "---|" * (len(names) * (len(ns) + 1))]
+    by_part = {g: {r["name"]: r for r in rep["results"] if r["metrics"] is not None} for g, rep in parts.items()}
     rows = list(dict.fromkeys(r["name"] for rep in parts.values() for r in rep["results"]))
-    for name in rows:
+    explicit = {g: _explicit_rows(baselines, rep, g) for g, rep in parts.items()} if baselines else {}
+    explicit_names = list(dict.fromkeys(name for e in explicit.values() for name in e))
+    for name in rows + explicit_names:
         cells, diffs = [], []
-        for rep in parts.values():
-            r = next((x for x in rep["results"] if x["name"] == name and x["metrics"] is not None), None)
+        for g in parts:
+            r = (explicit[g] if name in explicit_names else by_part[g]).get(name)
             cells += ["n/a" if r is None or f"bon@{k}" not in r["metrics"] else _cell(r, f"bon@{k}") for k in ns]
             d = (r or {}).get("differences") or {}
             diffs.append(signed(d[f"bon@{n} - majority@{n}"]) if f"bon@{n} - majority@{n}" in d else "n/a")
@@ -676,6 +696,17 @@ def table1_markdown(parts: dict[str, dict], links: dict[str, str] | None = None,
                                  {k: rep["config"].get(k) for k in PRM_FIELDS})
         if field:
             lines += ["", f"**Not the same PRMs**: `{g}`'s were trained with another `{field}` than `{names[0]}`'s."]
+    if explicit_names:
+        scored = [g for g in names if explicit[g]]
+        src = f"[compare_baselines]({baselines_link})" if baselines_link else "compare_baselines"
+        lines += ["", f"{', '.join(f'`{x}`' for x in explicit_names)}: {src}'s explicit PRMs (Math-Shepherd step "
+                  f"labels from {baselines['config'].get('shepherd', {}).get('completions_per_step', '?')} completions "
+                  "per step, hard or soft; `exact`: the step checker's own labels of the same responses, the best any "
+                  "completion estimate can do), scored on the responses of "
+                  + ", ".join(f"`{g}`" for g in scored) + "; `n/a` where that study did not score a generator."]
+        for field_ in ("policy", "train_rollouts"):
+            if baselines["config"].get(field_) != first["config"].get(field_):
+                lines += ["", f"**Not the same training data**: compare_baselines' `{field_}` is not `{names[0]}`'s."]
     return "\n".join(lines) + "\n"
 
 
