@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 # Tests never use the Hugging Face Hub (there is no network in CI): a model id that is not a local
@@ -49,9 +50,24 @@ def ray_session():
     # instead of being killed after 1 s beyond 2, so the many short Ray Data pipelines reuse them
     # (measured here: 4.7 -> 3.7 s for a read -> actor -> write pipeline).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # address="local": never attach to a `ray start` head (e.g. one left up by `make demo`).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000})
+    # With a dashboard, on a port of its own that every worker is told: Ray Train's
+    # PlacementGroupCleaner asks the state API (the dashboard) whether its controller is alive.
+    # Without one each training stalled 12 s at its end on that query's timeout; and a worker not
+    # told asks "the latest cluster" on the machine, e.g. a `make demo` head, where the controller
+    # is unknown, i.e. dead. The workers inherit the variable from the raylet that ray.init starts;
+    # this process drops it again, since it overrides every explicit address given to Ray's job
+    # and state clients (the cluster tests' private heads).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        # address="local": never attach to a `ray start` head (e.g. one left up by `make demo`).
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=False,
+                 logging_level="WARNING",
+                 _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000})
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
     yield ray
     ray.shutdown()
 
@@ -60,7 +76,6 @@ def ray_session():
 def serve_instance(ray_session):
     """Ray Serve on the session's Ray, HTTP on a free local port; modules deploy their own
     applications on it (and delete them, so their replicas' CPUs return to the pool)."""
-    import socket
 
     from ray import serve
 

@@ -136,6 +136,11 @@ class LocalHead:
                     f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
                     "--min-worker-port=0", "--max-worker-port=0"]
         self.env = dict(os.environ)
+        # Its own workers ask its own dashboard (Ray Train's state queries; see conftest.ray_session),
+        # never the session cluster's, whose address this process's environment may carry.
+        self.env.pop("RAY_API_SERVER_ADDRESS", None)
+        if dashboard:
+            self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
         if autoscaling_config:
             config = yaml.safe_load(Path(autoscaling_config).read_text())
             config["provider"]["gcs_address"] = self.gcs_address
