@@ -57,8 +57,8 @@ def table1(results: Path) -> Path | None:
     parts = dict(sorted(parts.items(), key=lambda kv: kv[0] != "policy"))  # the policy's column first
     baselines = results / "compare_baselines" / "report.json"  # Math-Shepherd's rows, where it has run
     extra = json.loads(baselines.read_text()) if baselines.exists() else None
-    md = table1_markdown(parts, links, baselines=extra, baselines_link="compare_baselines/report.md") + _todo("compare_objectives", {Path(x).parent.name for x in links.values()},
-                                               prefix="table1")
+    md = table1_markdown(parts, links, baselines=extra, baselines_link="compare_baselines/report.md")
+    md += _todo("compare_objectives", {Path(x).parent.name for x in links.values()}, prefix="table1")
     out = results / "table1.md"
     out.write_text(md)
     print(f"wrote {out} ({', '.join(parts)})")
