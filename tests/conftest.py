@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 # Tests never use the Hugging Face Hub (there is no network in CI): a model id that is not a local
@@ -57,9 +56,9 @@ def ray_session():
     # is unknown, i.e. dead. The workers inherit the variable from the raylet that ray.init starts;
     # this process drops it again, since it overrides every explicit address given to Ray's job
     # and state clients (the cluster tests' private heads).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from local_cluster import free_ports  # tests/ is on sys.path under pytest
+
+    [port] = free_ports(1)  # outside the ephemeral range, where Ray's own random ports could take it
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         # address="local": never attach to a `ray start` head (e.g. one left up by `make demo`).
@@ -77,11 +76,10 @@ def serve_instance(ray_session):
     """Ray Serve on the session's Ray, HTTP on a free local port; modules deploy their own
     applications on it (and delete them, so their replicas' CPUs return to the pool)."""
 
+    from local_cluster import free_ports
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    [port] = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
