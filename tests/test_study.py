@@ -258,6 +258,10 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["Math-Shepherd step labels (exact)"]["generated_tokens"] == 0
     assert stages["train ce-k4 (seed 0)"]["reused"]  # trained by the scale_responses study above
+    # ... and scored there: evaluations are shared across studies by (PRM, data, eval config).
+    assert stages["eval ce-k4 (seed 0)"]["reused"] and stages["eval ce-k4 (validation, seed 0)"]["reused"]
+    assert by["ce-k4"]["runs"][0]["eval_dir"].startswith(str(shared_runs / "evals" / "ce-k4-"))
+    assert not stages["eval ce-k4 (seed 0, generator hot)"]["reused"]
     ms, ce = by["math-shepherd-hard"], by["ce-k4"]
     assert ms["reference"] is False and ms["reference_at_inference"] is False and ms["responses_per_instruction"] == 2
     assert set(ms["metrics"]) == set(ce["metrics"])
@@ -322,6 +326,7 @@ def test_compare_baselines_end_to_end_with_compute(tiny_trained_policy, ray_sess
     alone = scale_responses.main(["--config", str(tmp_path / "col.json")])
     st = {s["stage"]: s for s in alone["stages"]}
     assert "test rollouts" not in st and st["test rollouts (hot)"]["reused"] and st["train ce-k4 (seed 0)"]["reused"]
+    assert st["eval ce-k4 (seed 0)"]["reused"]  # compare_baselines scored the hot responses with this PRM
     assert alone["test"]["generator"] == {"name": "hot", "policy": hot["policy"], "temperature": 1.5}
     assert alone["baseline"] == pytest.approx(hot["baseline"])
     assert alone["baseline_likelihood"] == pytest.approx(hot["baseline_likelihood"])
@@ -365,14 +370,13 @@ def test_a_generator_without_a_model_is_bootstrapped_with_the_studys_recipe_chan
                                          "test_generator": {"name": "hot", "temperature": 1.5}})
 
 
-def test_overwriting_a_study_keeps_its_evaluations_and_nothing_else(tmp_path):
-    """Another config replaces the report, plots and settings; the evaluations stay (each one
-    checks its own key), and without overwrite the directory is refused, naming the field."""
+def test_overwriting_a_study_empties_its_directory_and_without_overwrite_names_the_field(tmp_path):
+    """Another config replaces the report, plots and settings (the evaluations live in the shared
+    ``<runs_dir>/evals/``); without overwrite the directory is refused, naming the field."""
     from prm_ray.study.runner import claim_study_dir
 
     run = tmp_path / "study"
-    for f in ("study_settings.json", "report.md", "bon_vs_n.png", "eval/ce-k8/seed-0/metrics.json",
-              "eval-validation/ce-k8/seed-0/metrics.json", "eval-generators/weak/ce-k8/seed-0/metrics.json"):
+    for f in ("study_settings.json", "report.md", "bon_vs_n.png"):
         (run / f).parent.mkdir(parents=True, exist_ok=True)
         (run / f).write_text("{\"config\": {\"seeds\": [0]}}" if f == "study_settings.json" else "x")
     claim_study_dir(run, {"config": {"seeds": [0]}}, False)  # the same config: nothing to do
@@ -380,5 +384,44 @@ def test_overwriting_a_study_keeps_its_evaluations_and_nothing_else(tmp_path):
     with pytest.raises(ConfigError, match="seeds"):
         claim_study_dir(run, {"config": {"seeds": [0, 1]}}, False)
     claim_study_dir(run, {"config": {"seeds": [0, 1]}}, True)
-    assert sorted(p.name for p in run.iterdir()) == ["eval", "eval-generators", "eval-validation"]
-    assert (run / "eval/ce-k8/seed-0/metrics.json").read_text() == "x"
+    assert list(run.iterdir()) == []
+
+
+def test_evaluations_kept_in_study_directories_move_to_their_shared_place(tmp_path):
+    """Evaluations made before they were shared move, by the key in their metrics.json, to where
+    any study now looks for them; a second study's copy of the same evaluation is a duplicate,
+    an unfinished one stays, and the emptied study directories go."""
+    from prm_ray.study.runner import adopt_study_evaluations
+    from prm_ray.study.specs import eval_dir
+
+    def made(where: Path, prm: str, data: str, seeds: int = 16) -> dict:
+        key = {"prm": str(tmp_path / "prms" / prm), "data": str(tmp_path / "rollouts" / data), "beta": 0.05,
+               "config": {"ns": [seeds], "aggregation": "min"}}
+        (where / "scores").mkdir(parents=True)
+        (where / "scores" / "part-0.parquet").write_text(prm + data)
+        (where / "metrics.json").write_text(json.dumps({"key": key, "metrics": {}}))
+        return key
+
+    a = made(tmp_path / "table1" / "eval" / "ce" / "seed-0", "ce-k8-aa", "test-11")
+    b = made(tmp_path / "table1-hot" / "eval" / "ce" / "seed-0", "ce-k8-aa", "test-22")
+    dup = made(tmp_path / "baselines" / "eval-generators" / "hot" / "ce-k8" / "seed-0", "ce-k8-aa", "test-22")
+    c = made(tmp_path / "table1" / "eval-validation" / "ce" / "seed-0", "ce-k8-aa", "validation-33/ref-logprobs-x")
+    (tmp_path / "table1" / "eval" / "dpo" / "seed-0" / "scores").mkdir(parents=True)  # unfinished
+    (tmp_path / "table1" / "eval" / "dpo" / "seed-0" / "scores" / "part-0.parquet").write_text("x")
+    (tmp_path / "table1" / "report.md").write_text("x")
+    logs = []
+    assert adopt_study_evaluations(tmp_path, logs.append) == 3
+    assert logs == [f"evaluations: 3 moved from study directories to {tmp_path / 'evals'} (shared across studies), "
+                    "1 duplicates removed"]
+    for key, data in ((a, "test-11"), (b, "test-22"), (c, "validation-33/ref-logprobs-x")):
+        dest = eval_dir(tmp_path, key["prm"], key["data"], key["config"])
+        assert dest.parent == tmp_path / "evals" / "ce-k8-aa" and dest.name.startswith(data.split("/")[0] + "-")
+        assert json.loads((dest / "metrics.json").read_text())["key"] == key
+        assert (dest / "scores" / "part-0.parquet").read_text() == "ce-k8-aa" + data
+    assert dup == b and len({eval_dir(tmp_path, k["prm"], k["data"], k["config"]) for k in (a, b, c)}) == 3
+    assert eval_dir(tmp_path, a["prm"], a["data"], {**a["config"], "ns": [4]}) != eval_dir(tmp_path, a["prm"], a["data"], a["config"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/eval*/**/*")) == [
+        "table1/eval/dpo", "table1/eval/dpo/seed-0", "table1/eval/dpo/seed-0/scores",
+        "table1/eval/dpo/seed-0/scores/part-0.parquet"]
+    assert not (tmp_path / "baselines" / "eval-generators").exists() and (tmp_path / "table1" / "report.md").exists()
+    assert adopt_study_evaluations(tmp_path, logs.append) == 0 and len(logs) == 1

@@ -41,6 +41,8 @@ from prm_ray.core.stats import Bootstrap
 from prm_ray.models import count_parameters
 from prm_ray.policy.bootstrap import BootstrapConfig, bootstrap
 from prm_ray.stages.evaluate import (
+    METRICS_FILE,
+    EvaluateConfig,
     evaluate_prm,
     per_problem,
     problems_from_scores,
@@ -71,13 +73,15 @@ from prm_ray.study.specs import (
     GeneratorConfig,
     PRMSpec,
     StudyConfig,
+    eval_dir,
     reference_dir,
     rollout_dir,
     stage_hash,
     train_config,
 )
 
-__all__ = ["EVAL_DIRS", "Row", "RolloutSet", "SeedRun", "StageRecord", "claim_study_dir", "run_study", "summarize"]
+__all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "adopt_study_evaluations", "claim_study_dir", "run_study",
+           "summarize"]
 
 Log = Callable[[str], Any]
 
@@ -344,22 +348,29 @@ def step_truth_stage(cfg: StudyConfig, test: RolloutSet, ref_test: Path, params:
     return truth, [val.record, record], None
 
 
-def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, eval_dir: Path, infer_ref: bool,
-              val_dir: Path, log: Log) -> tuple[dict, StageRecord]:
+def _evaluate(cfg: StudyConfig, prm: str, data: Path, ecfg: EvaluateConfig) -> tuple[dict, Path]:
+    """:func:`evaluate_prm` into the evaluation's shared place (:func:`eval_dir`), reused by every
+    study that asks for the same PRM, data and eval config."""
+    out = eval_dir(cfg.runs_dir, prm, data, to_dict(ecfg.resolved()))
+    return evaluate_prm(prm, data, out, ecfg, overwrite=cfg.overwrite), out
+
+
+def _step_row(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, tc_out: str, test_dir: Path, infer_ref: bool,
+              seed: int, log: Log) -> tuple[dict, StageRecord]:
     """A PRM's step-level result (:func:`step_level`, plus its ``test_rewards`` for the plots):
     scored on the validation responses for its threshold, measured on the test responses' scores
-    that the evaluation made."""
+    that the evaluation made (in ``test_dir``)."""
     st = inputs.steps
     with measure() as t:
-        ev = evaluate_prm(tc_out, st.ref_validation if infer_ref else st.validation.path, val_dir,
-                          replace(cfg.eval, use_reference=infer_ref), overwrite=cfg.overwrite)
-    test_r = rewards_from_scores(eval_dir / "scores", st.test_labels)
+        ev, val_dir = _evaluate(cfg, tc_out, st.ref_validation if infer_ref else st.validation.path,
+                                replace(cfg.eval, use_reference=infer_ref))
+    test_r = rewards_from_scores(test_dir / "scores", st.test_labels)
     res = step_level(st.test_labels, test_r, val_labels=st.val_labels,
                      val_rewards=rewards_from_scores(val_dir / "scores", st.val_labels), kinds=st.kinds)
     res["test_rewards"] = test_r
     m = res["metrics"]
     log(f"{spec.name}: first wrong step found: F1 {_fmt(m['f1'])}, step AUC {_fmt(m['step_auc'])}")
-    return res, StageRecord(f"eval {spec.name} (validation, seed {val_dir.name.removeprefix('seed-')})",
+    return res, StageRecord(f"eval {spec.name} (validation, seed {seed})",
                             t["wall_s"], ev["reused"], cpu_s=t["cpu_s"], made_s=_timed(val_dir, "eval", t, ev["reused"]))
 
 
@@ -393,7 +404,7 @@ class Row:
         return [r for run in self.runs for r in run.records]
 
 
-def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, seed: int, log: Log) -> SeedRun:
+def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, seed: int, log: Log) -> SeedRun:
     """Train and evaluate one row with one training seed."""
     train_with_ref, infer_ref = spec.uses_reference(cfg)
     labels = inputs.labels[spec.label_method] if spec.explicit else None
@@ -405,14 +416,12 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
     ecfg = replace(cfg.eval, use_reference=infer_ref)
     log(f"{spec.name} (seed {seed}): evaluating on {inputs.test.summary['instructions']} test problems x "
         f"{cfg.test_rollouts.sampling.n}")
-    eval_dir = run_dir / "eval" / spec.name / f"seed-{seed}"
     with measure() as eval_time:
-        ev = evaluate_prm(tc.out, inputs.ref_test if infer_ref else inputs.test.path, eval_dir, ecfg,
-                          overwrite=cfg.overwrite)
-    eval_made = _timed(eval_dir, "eval", eval_time, ev["reused"])
+        ev, test_dir = _evaluate(cfg, tc.out, inputs.ref_test if infer_ref else inputs.test.path, ecfg)
+    eval_made = _timed(test_dir, "eval", eval_time, ev["reused"])
     scale, votes = score_scale(read_prm_card(tc.out)), ev.get("votes_by", "answer_group")
     own = f"score_{cfg.eval.aggregation}"
-    scores = pads.dataset(str(eval_dir / "scores"), format="parquet").to_table(
+    scores = pads.dataset(str(test_dir / "scores"), format="parquet").to_table(
         columns=["instruction_id", "sample_index", "correct", votes, own, "step_rewards"])
     problems = problems_from_scores(scores, cfg.eval.aggregation, votes)
     values = per_problem(problems, cfg.eval, scale)
@@ -432,7 +441,7 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
         rollout_runs=inputs.train.summary.get("all_runs"), labels_dir=labels.path if labels else None,
         labels_timing=((labels.summary.get("timing") or {}).get("total") if labels else None),
         reference_train=train_with_ref and not spec.explicit, test_tokens=inputs.test.tokens,
-        reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=eval_dir)
+        reference_infer=infer_ref, train_dir=Path(tc.out), eval_dir=test_dir)
     records = [
         StageRecord(f"train {spec.name} (seed {seed})", train_time["wall_s"], report["reused"],
                     cpu_s=train_time["cpu_s"],
@@ -444,14 +453,12 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
     ]
     step = None
     if inputs.steps is not None:
-        step, record = _step_row(cfg, spec, inputs, tc.out, eval_dir, infer_ref,
-                                 run_dir / "eval-validation" / spec.name / f"seed-{seed}", log)
+        step, record = _step_row(cfg, spec, inputs, tc.out, test_dir, infer_ref, seed, log)
         records.append(record)
     generators = {}
     for gen in inputs.generators:
-        gdir = run_dir / "eval-generators" / gen.name / spec.name / f"seed-{seed}"
         with measure() as t:
-            gev = evaluate_prm(tc.out, gen.ref_test if infer_ref else gen.test.path, gdir, ecfg, overwrite=cfg.overwrite)
+            gev, gdir = _evaluate(cfg, tc.out, gen.ref_test if infer_ref else gen.test.path, ecfg)
         gp = problems_from_scores(gdir / "scores", cfg.eval.aggregation, gev.get("votes_by", "answer_group"))
         generators[gen.name] = ([p["instruction_id"] for p in gp], per_problem(gp, cfg.eval, scale))
         log(f"{spec.name} (seed {seed}): on generator {gen.name}: bon@{cfg.headline_n} "
@@ -459,13 +466,13 @@ def prm_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, se
         records.append(StageRecord(f"eval {spec.name} (seed {seed}, generator {gen.name})", t["wall_s"], gev["reused"],
                                    cpu_s=t["cpu_s"], made_s=_timed(gdir, "eval", t, gev["reused"])))
     ds = report.get("dataset", {})
-    result = {"seed": seed, "prm": tc.out, "eval_dir": str(eval_dir), "metrics": m, "compute": compute,
+    result = {"seed": seed, "prm": tc.out, "eval_dir": str(test_dir), "metrics": m, "compute": compute,
               "train": {"examples": report.get("examples"), "steps": report.get("steps"),
                         "dataset_rows": ds.get("rows"), "final_metrics": report.get("final_metrics")}}
     return SeedRun(result, records, values, [p["instruction_id"] for p in problems], step, generators, aggregations)
 
 
-def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, log: Log) -> Row:
+def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, log: Log) -> Row:
     """Train and evaluate one row once per training seed (``cfg.seeds``). Its numbers across the
     seeds (means, intervals) are filled in by :func:`summarize`, which sees every row."""
     train_with_ref, infer_ref = spec.uses_reference(cfg)
@@ -482,7 +489,7 @@ def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, run_dir: Path, lo
     if spec.undefined:
         log(f"{spec.name}: not defined ({spec.undefined})")
         return Row({**entry, "status": "undefined", "reason": spec.undefined, "metrics": None}, [])
-    runs = [prm_stage(cfg, spec, inputs, run_dir, seed, log) for seed in cfg.seeds]
+    runs = [prm_stage(cfg, spec, inputs, seed, log) for seed in cfg.seeds]
     first = runs[0].result
     # Build cost and training sizes: the first seed's (the seeds differ only in order and sampling).
     return Row({**entry, "status": "ok", "seeds": list(cfg.seeds), "prm": first["prm"], "compute": first["compute"],
@@ -649,22 +656,52 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-EVAL_DIRS = ("eval", "eval-validation", "eval-generators")
+STUDY_EVAL_DIRS = ("eval", "eval-validation", "eval-generators")
+
+
+def adopt_study_evaluations(runs_dir: Path, log: Log) -> int:
+    """Move the evaluations kept inside study directories (:data:`STUDY_EVAL_DIRS`, where they
+    lived before they were shared) to their shared place (:func:`eval_dir`), by the key each
+    ``metrics.json`` holds; one already there makes the study's copy a duplicate, removed. An
+    unfinished one (no ``metrics.json``) is left to its study directory. Returns how many moved."""
+    moved = dropped = 0
+    roots = [study / name for study in (runs_dir.iterdir() if runs_dir.is_dir() else ()) for name in STUDY_EVAL_DIRS
+             if (study / name).is_dir()]
+    for metrics in sorted(m for root in roots for m in root.glob(f"**/{METRICS_FILE}")):
+        key = (read_json(metrics) or {}).get("key")
+        if not key:
+            continue
+        src, dest = metrics.parent, eval_dir(runs_dir, key["prm"], key["data"], key["config"])
+        if (dest / METRICS_FILE).exists():
+            shutil.rmtree(src)
+            dropped += 1
+            continue
+        if dest.exists():
+            shutil.rmtree(dest)  # an unfinished evaluation of the same key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dest)
+        moved += 1
+    for root in roots:  # the emptied directories, deepest first
+        for d in sorted((p for p in root.glob("**/") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(d.iterdir()):
+                d.rmdir()
+    if moved or dropped:
+        log(f"evaluations: {moved} moved from study directories to {runs_dir / 'evals'} (shared across studies), "
+            f"{dropped} duplicates removed")
+    return moved
 
 
 def claim_study_dir(run_dir: Path, study_key: dict, overwrite: bool) -> None:
-    """A study directory made with another config is refused, or with ``overwrite`` emptied of its
-    report, plots and settings. Its evaluations (:data:`EVAL_DIRS`) stay: each is keyed by its PRM,
-    data and eval config, so one whose inputs did not change is reused like any other stage and
-    one whose inputs changed is redone."""
+    """A study directory made with another config is refused, or with ``overwrite`` emptied (its
+    report, plots and settings; its evaluations live in ``<runs_dir>/evals/``, each checking its
+    own key, so one whose inputs did not change is reused like any other stage)."""
     old = read_json(run_dir / "study_settings.json")
     if old is None or first_difference(old, study_key) is None:
         return
     if not overwrite:
         check_settings(run_dir, old, study_key, what="a study report")  # raises, naming the field
     for path in run_dir.iterdir():
-        if path.name not in EVAL_DIRS:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: str, log: Log = print) -> dict:
@@ -680,6 +717,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
     run_dir = Path(cfg.runs_dir) / cfg.name
     study_key = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "ray_address")},
                  "specs": [to_dict(s) for s in specs]}
+    adopt_study_evaluations(Path(cfg.runs_dir), log)
     claim_study_dir(run_dir, study_key, cfg.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "study_settings.json", study_key)
@@ -738,7 +776,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
 
     rows = []
     for spec in specs:
-        row = row_stage(cfg, spec, inputs, run_dir, log)
+        row = row_stage(cfg, spec, inputs, log)
         rows.append(row)
         records += row.records
     boot = summarize(cfg, rows, baselines, steps, gen_baselines)

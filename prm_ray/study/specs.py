@@ -30,7 +30,7 @@ from prm_ray.stages.train.examples import BALANCE_MODES
 
 __all__ = ["AGGREGATIONS_COMPARED", "CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
-           "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
+           "eval_dir", "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
 
 
 # max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
@@ -263,6 +263,17 @@ def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str, step_split: str 
     """Where a study keeps the per-token reference log-probs of a rollout set (beside it)."""
     key = [cfg.reference, dtype] + ([step_split] if step_split != "blank_line" else [])
     return Path(rollouts) / f"ref-logprobs-{stage_hash(key)}"
+
+
+def eval_dir(runs_dir: str | Path, prm: str | Path, data: str | Path, config: dict) -> Path:
+    """Where the evaluation of one PRM on one rollout set (or its reference pass) under one
+    evaluation config (``to_dict`` of the resolved :class:`EvaluateConfig`) lives:
+    ``<runs_dir>/evals/<prm>/<rollouts>-<hash of the three>``. Keyed like ``evaluate_prm``'s own
+    reuse check rather than by study, so a study that reranks another's test responses with the
+    same PRMs (Table 1's parts, compare_baselines' ``generators``) scores nothing twice."""
+    prm, data = Path(prm).resolve(), Path(data).resolve()
+    rollouts = data.parent if data.name.startswith("ref-logprobs-") else data
+    return Path(runs_dir) / "evals" / prm.name / f"{rollouts.name}-{stage_hash([str(prm), str(data), config])}"
 
 
 def train_config(cfg: StudyConfig, spec: PRMSpec, data: Path, ref_cache: Path | None = None,
