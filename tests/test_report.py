@@ -239,6 +239,16 @@ def test_figure4_from_parts_that_share_their_test_responses(tmp_path):
     for png in ("scaling.png", "bon_vs_n.png", "differences.png"):
         assert (tmp_path / "fig" / png).read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "fig" / "stages.png").exists()  # each part has its own
+    # The paper's axis: instructions, doublings evenly spaced (log 2), labelled by their count.
+    from prm_ray.study.report import scaling_figure
+
+    merged = {**parts["1k-4k"], "results": parts["1k-4k"]["results"] + parts["8k"]["results"],
+              "train_rollouts": {"instructions": 8000}}
+    ax = scaling_figure(merged).axes[0]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1,000", "4,000", "8,000"]
+    assert ax.get_xlabel() == "training instructions (of 8,000)"
+    [bars] = ax.containers
+    assert bars.get_label() == "ce" and list(bars.lines[0].get_xdata()) == [0.125, 0.5, 1.0]
     with pytest.raises(ValueError, match="1k-4k has other test responses than 8k"):
         merge_parts({"8k": part([row(1.0, 0.9)]), "1k-4k": part([row(0.5, 0.8)], majority=0.6)}, tmp_path / "bad")
 

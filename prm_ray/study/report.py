@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 from prm_ray.artifacts import first_difference, write_json
 from prm_ray.core.objectives import OBJECTIVES
 
-__all__ = ["ci", "cost_ratios", "markdown", "merge_parts", "signed", "step_cell", "table1_markdown", "thresholds", "write_report"]
+__all__ = ["ci", "cost_ratios", "markdown", "merge_parts", "scaling_figure", "signed", "step_cell", "table1_markdown", "thresholds",
+           "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -524,6 +525,53 @@ def compute_plots(report: dict, out: Path) -> list[Path]:
     return paths
 
 
+def scaling_figure(report: dict) -> Figure:
+    """Best-of-N at the headline N along the study's axis, a line per series, with intervals."""
+    base = report["baseline"]
+    n = report["headline_n"]
+    axis = report["axis"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    groups: dict[str, list] = {}
+    for r in report["results"]:
+        if r["metrics"] is not None and axis in r["axis"]:
+            y = 100 * r["metrics"][f"bon@{n}"]
+            lo, hi = (100 * v for v in (r.get("intervals") or {}).get(f"bon@{n}", (y / 100, y / 100)))
+            groups.setdefault(r["axis"].get("series", r["objective"]), []).append((r["axis"][axis], y, y - lo, hi - y))
+    categorical = any(isinstance(p[0], str) for pts in groups.values() for p in pts)
+    xs = sorted({p[0] for pts in groups.values() for p in pts}, key=lambda x: (str(type(x)), x))
+    # Doublings (k = 1, 2, 4, 8 responses; 1k-8k instructions) evenly spaced, as the paper plots them.
+    log2 = not categorical and len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 4
+    span = 1.0 if categorical or len(xs) < 2 else float(math.log2(max(xs) / min(xs)) if log2 else max(xs) - min(xs))
+    for i, (name, pts) in enumerate(groups.items()):
+        pts.sort(key=lambda p: (str(type(p[0])), p[0]))
+        # Series side by side (dodged), so that their error bars do not hide each other.
+        shift = (i - (len(groups) - 1) / 2) * 0.02 * span
+        x = [xs.index(p[0]) + shift if categorical else p[0] * 2 ** shift if log2 else p[0] + shift for p in pts]
+        ax.errorbar(x, [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3,
+                    label=name)
+    if categorical:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=20, fontsize=7)
+    xlabel = axis
+    instructions = (report.get("train_rollouts") or {}).get("instructions")
+    if log2:
+        ax.set_xscale("log", base=2)
+        labels = [f"{x:g}" for x in xs]
+        if axis == "instruction_fraction" and instructions:  # paper Figure 4's axis: instructions
+            labels = [f"{round(x * instructions):,}" for x in xs]
+            xlabel = f"training instructions (of {instructions:,})"
+        ax.set_xticks(xs, labels)
+        ax.minorticks_off()
+    ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
+    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"best-of-{n} accuracy (%)" + (", with intervals" if report.get("intervals") else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plots(report: dict, out: Path) -> list[Path]:
     ns = _ns(report)
     base = report["baseline"]
@@ -558,34 +606,7 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
 
     n = report["headline_n"]
-    axis = report["axis"]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    groups: dict[str, list] = {}
-    for r in report["results"]:
-        if r["metrics"] is not None and axis in r["axis"]:
-            y = 100 * r["metrics"][f"bon@{n}"]
-            lo, hi = (100 * v for v in (r.get("intervals") or {}).get(f"bon@{n}", (y / 100, y / 100)))
-            groups.setdefault(r["axis"].get("series", r["objective"]), []).append((r["axis"][axis], y, y - lo, hi - y))
-    categorical = any(isinstance(p[0], str) for pts in groups.values() for p in pts)
-    xs = sorted({p[0] for pts in groups.values() for p in pts}, key=lambda x: (str(type(x)), x))
-    span = 1.0 if categorical or len(xs) < 2 else float(max(xs) - min(xs))
-    for i, (name, pts) in enumerate(groups.items()):
-        pts.sort(key=lambda p: (str(type(p[0])), p[0]))
-        # Series side by side (dodged), so that their error bars do not hide each other.
-        shift = (i - (len(groups) - 1) / 2) * 0.02 * span
-        x = [xs.index(p[0]) + shift if categorical else p[0] + shift for p in pts]
-        ax.errorbar(x, [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3,
-                    label=name)
-    if categorical:
-        ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=20, fontsize=7)
-    ax.axhline(100 * base[f"majority@{n}"], color="k", ls="--", label=f"majority@{n}")
-    ax.axhline(100 * base["pass@1"], color="grey", ls=":", label="pass@1")
-    ax.set_xlabel(axis)
-    ax.set_ylabel(f"best-of-{n} accuracy (%)" + (", with intervals" if report.get("intervals") else ""))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = scaling_figure(report)
     paths.append(out / "scaling.png")
     fig.savefig(paths[-1], dpi=120)
 
