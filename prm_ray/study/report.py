@@ -626,7 +626,7 @@ def plots(report: dict, out: Path) -> list[Path]:
         ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(f"best-of-{n}: difference in points (paired, {100 * report['intervals']['level']:.0f}% interval)")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # clear of the label
         ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
         paths.append(out / "differences.png")
