@@ -83,6 +83,12 @@ def test_intervals_differences_and_the_reference_grid(tmp_path):
     assert "| majority voting | 55.0 [40.0, 60.0] |" in md
     assert "best-of-4 80.0 [75.0, 84.0] (2 seeds: 75.0, 85.0)" in md and "+20.0 [+10.0, +30.0] vs majority@4" in md
     assert "| ce | +20.0 [+10.0, +30.0] | +20.0 [+10.0, +30.0] |" in md  # @2, @4 of each differences table
+    assert "Along the axis" not in md  # none in this study
+    report["axis_differences"] = {"ce-k8 - ce-k2": {f"bon@{n}": {"mean": 0.01 * n, "interval": [-0.01, 0.05]}
+                                                    for n in (1, 2, 4)}}
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| difference | @2 | @4 |\n|---|---|---|\n| ce-k8 - ce-k2 | +2.0 [-1.0, +5.0] | +4.0 [-1.0, +5.0] |" in md
     grid = md.split("paper Table 4")[1]
     assert "| on | 60.0 (ce_ref_on_on) | 70.0 (ce_ref_on_off) |" in grid
     assert "| off | 65.0 (ce_ref_off_on) | 80.0 [75.0, 84.0] (ce) |" in grid

@@ -425,3 +425,35 @@ def test_evaluations_kept_in_study_directories_move_to_their_shared_place(tmp_pa
         "table1/eval/dpo/seed-0/scores/part-0.parquet"]
     assert not (tmp_path / "baselines" / "eval-generators").exists() and (tmp_path / "table1" / "report.md").exists()
     assert adopt_study_evaluations(tmp_path, logs.append) == 0 and len(logs) == 1
+
+
+def test_differences_along_the_axis_are_paired_and_per_series():
+    """Each row minus the first defined row of its series (paired: a constant shift on every
+    problem is exactly that shift); undefined rows and non-numeric axes have none, and rows
+    scored on other problems are refused."""
+    import numpy as np
+
+    from prm_ray.core.stats import Bootstrap
+    from prm_ray.study.runner import Row, SeedRun, axis_differences
+
+    rng = np.random.default_rng(0)
+    problems = [f"p{i}" for i in range(40)]
+    base = [rng.integers(0, 2, 40).astype(float)]  # one seed: only the problems are resampled
+
+    def row(name, k, shift, series="ce", ids=problems):
+        runs = [SeedRun({}, [], {"bon@2": np.clip(b + shift, 0, 2), "bon@4": b + shift, "pass@1": b}, ids, None)
+                for b in base] if shift is not None else []
+        return Row({"name": name, "objective": series, "axis": {"k": k, "series": series}}, runs)
+
+    rows = [row("ce-k8", 8, 0.25), row("ce-k2", 2, 0.0), row("ce-k4", 4, 0.125),
+            row("dpo-k1", 1, None, "dpo"), row("dpo-k2", 2, 0.0, "dpo"), row("dpo-k4", 4, 0.5, "dpo")]
+    out = axis_differences(Bootstrap(40, draws=300), rows, "k")
+    assert list(out) == ["ce-k4 - ce-k2", "ce-k8 - ce-k2", "dpo-k4 - dpo-k2"]
+    d = out["ce-k8 - ce-k2"]["bon@4"]
+    assert set(out["ce-k8 - ce-k2"]) == {"bon@2", "bon@4"}
+    assert d["mean"] == pytest.approx(0.25)
+    assert d["interval"] == pytest.approx([0.25, 0.25])  # paired: the same problems on both sides
+    assert out["dpo-k4 - dpo-k2"]["bon@4"]["mean"] == pytest.approx(0.5)
+    assert axis_differences(Bootstrap(40, draws=10), rows, "objective") == {}
+    with pytest.raises(ValueError, match="ce-k4 and ce-k2 were scored on other problems"):
+        axis_differences(Bootstrap(40, draws=10), [row("ce-k2", 2, 0.0), row("ce-k4", 4, 0.0, ids=problems[::-1])], "k")

@@ -92,6 +92,14 @@ def _differences(report: dict, ns: list[int]) -> list[str]:
         if fmt.startswith("bon@{n} - majority") and lik:
             lines.append(f"| {likelihood_name(report)} (no PRM) | " + " | ".join(signed(lik[k]) for _, k in keys) + " |")
         lines.append("")
+    along = report.get("axis_differences") or {}
+    if along:
+        keys = [n for n in ns if n > 1]
+        lines += [f"Along the axis (`{report['axis']}`): best-of-N of each row minus the first row of its series, "
+                  "paired the same way (does moving along the axis help beyond the noise?):", "",
+                  "| difference | " + " | ".join(f"@{n}" for n in keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {name} | " + " | ".join(signed(d[f"bon@{n}"]) for n in keys) + " |" for name, d in along.items()]
+        lines.append("")
     return lines
 
 

@@ -80,8 +80,8 @@ from prm_ray.study.specs import (
     train_config,
 )
 
-__all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "adopt_study_evaluations", "claim_study_dir", "run_study",
-           "summarize"]
+__all__ = ["Row", "RolloutSet", "SeedRun", "StageRecord", "adopt_study_evaluations", "axis_differences", "claim_study_dir",
+           "run_study", "summarize"]
 
 Log = Callable[[str], Any]
 
@@ -501,6 +501,30 @@ def row_stage(cfg: StudyConfig, spec: PRMSpec, inputs: Inputs, log: Log) -> Row:
 # ---------------------------------------------------------------------------------------------
 
 
+def axis_differences(boot: Bootstrap, rows: list[Row], axis: str) -> dict[str, dict]:
+    """Best-of-N of each row minus the first row of its series along a numeric axis (k = 2 -> 8
+    responses, 1k -> 4k instructions), paired over the test problems with each side's seeds
+    resampled: whether moving along the axis helps beyond the noise, which the rows' own
+    intervals (each against the baselines) cannot say. Keyed ``"<row> - <first row>"``."""
+    series: dict[str, list[Row]] = {}
+    for row in rows:
+        at = (row.result.get("axis") or {}).get(axis)
+        if row.runs and isinstance(at, (int, float)) and not isinstance(at, bool):
+            series.setdefault(row.result["axis"].get("series", row.result["objective"]), []).append(row)
+    out = {}
+    for members in series.values():
+        members.sort(key=lambda r: r.result["axis"][axis])
+        first = members[0]
+        for row in members[1:]:
+            if row.runs[0].problems != first.runs[0].problems:
+                raise ValueError(f"{row.result['name']} and {first.result['name']} were scored on other problems")
+            a, b = row.result["name"], first.result["name"]
+            out[f"{a} - {b}"] = {k: boot.difference(np.stack([r.values[k] for r in row.runs]),
+                                                    np.stack([r.values[k] for r in first.runs]), a, b)
+                                 for k in row.runs[0].values if k.startswith("bon@")}
+    return out
+
+
 def _interval_fields(summaries: dict[str, dict]) -> dict:
     """``metrics`` (means), ``intervals`` and ``by_seed`` of per-metric :class:`Bootstrap` summaries."""
     return {"metrics": {k: s["mean"] for k, s in summaries.items()},
@@ -806,6 +830,7 @@ def run_study(cfg: StudyConfig, specs: list[PRMSpec], *, axis_name: str, title: 
                            "responses_per_instruction": cfg.train_rollouts.sampling.n,
                            "pass@1": train.summary["pass@1"]},
         "step_level": step_report,
+        "axis_differences": axis_differences(boot, rows, axis_name),
     }
     write_report(out, run_dir)
     log(f"report: {run_dir / 'report.md'} ({total / 60:.1f} min)")
