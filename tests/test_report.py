@@ -235,10 +235,19 @@ def test_figure4_from_parts_that_share_their_test_responses(tmp_path):
                 "config": {"policy": "p"}, "stages": [{"stage": "x", "wall_s": 1.0, "reused": False}],
                 "test": {"problems": 2, "samples_per_problem": 4, "split": "test", "task": "arith"}}
 
-    parts = {"8k": part([row(1.0, 0.9)]), "1k-4k": part([row(0.5, 0.8), row(0.125, 0.6)])}
+    # The 8k part repeats 1k-4k's first row (reused there) to pair its own row against it.
+    along = {"8k": {"ce-f100 - ce-f12": {f"bon@{n}": {"mean": 0.3, "interval": [0.1, 0.5]} for n in (2, 4)}},
+             "1k-4k": {"ce-f50 - ce-f12": {f"bon@{n}": {"mean": 0.2, "interval": [-0.1, 0.5]} for n in (2, 4)}}}
+    parts = {"8k": {**part([row(1.0, 0.9), row(0.125, 0.6)]), "axis_differences": along["8k"]},
+             "1k-4k": {**part([row(0.5, 0.8), row(0.125, 0.6)]), "axis_differences": along["1k-4k"]}}
     md = merge_parts(parts, tmp_path / "fig", links={"8k": "a/report.md"})
     table = md.split("## Best-of-N")[1]
     assert table.index("| ce-f12 |") < table.index("| ce-f50 |") < table.index("| ce-f100 |")
+    assert table.count("| ce-f12 |") == 4  # once in best-of-N and in each of its three differences tables
+    assert "| ce-f100 - ce-f12 | +30.0 [+10.0, +50.0] | +30.0 [+10.0, +50.0] |" in md
+    assert "| ce-f50 - ce-f12 | +20.0 [-10.0, +50.0] |" in md
+    with pytest.raises(ValueError, match="row ce-f12 differs between parts 8k and 1k-4k"):
+        merge_parts({"8k": part([row(0.125, 0.6)]), "1k-4k": part([row(0.125, 0.65)])}, tmp_path / "bad")
     assert "| ce-f100 | 90.0 [85.0, 94.0] | 90.0 [85.0, 94.0] | 90.0 [85.0, 94.0] |" in table
     assert "| ce-f12 | +5.0 [+0.0, +10.0] |" in table  # its paired difference, from its own part
     assert "Parts: [8k](a/report.md), 1k-4k." in md
@@ -248,7 +257,7 @@ def test_figure4_from_parts_that_share_their_test_responses(tmp_path):
     # The paper's axis: instructions, doublings evenly spaced (log 2), labelled by their count.
     from prm_ray.study.report import scaling_figure
 
-    merged = {**parts["1k-4k"], "results": parts["1k-4k"]["results"] + parts["8k"]["results"],
+    merged = {**parts["1k-4k"], "results": parts["1k-4k"]["results"] + parts["8k"]["results"][:1],
               "train_rollouts": {"instructions": 8000}}
     ax = scaling_figure(merged).axes[0]
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1,000", "4,000", "8,000"]

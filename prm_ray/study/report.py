@@ -751,9 +751,18 @@ def merge_parts(parts: dict[str, dict], out: Path, links: dict[str, str] | None 
             raise ValueError(f"{name} has other test responses than {names[0]} (its majority voting differs): "
                              "parts of one figure must be run where they sample the same test responses")
     axis = first["axis"]
-    rows = sorted((r for rep in parts.values() for r in rep["results"]),
+    # A row in two parts (a part may repeat another's first row, whose PRMs and evaluations it
+    # reuses, to pair its own rows against it) is shown once; it must be the same there.
+    by_name: dict[str, tuple[str, dict]] = {}
+    for part, rep in parts.items():
+        for r in rep["results"]:
+            if r["name"] in by_name and by_name[r["name"]][1]["metrics"] != r["metrics"]:
+                raise ValueError(f"row {r['name']} differs between parts {by_name[r['name']][0]} and {part}")
+            by_name.setdefault(r["name"], (part, r))
+    rows = sorted((r for _, r in by_name.values()),
                   key=lambda r: (str(r["axis"].get("series", "")), r["axis"].get(axis, 0)))
-    merged = {**first, "results": rows, "stages": []}
+    along = {k: v for rep in parts.values() for k, v in (rep.get("axis_differences") or {}).items()}
+    merged = {**first, "results": rows, "stages": [], "axis_differences": along}
     out.mkdir(parents=True, exist_ok=True)
     plots(merged, out)
     ns = _ns(merged)
