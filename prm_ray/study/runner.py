@@ -6,8 +6,9 @@ A study is a list of :class:`PRMSpec` (what to train and how to score it) plus a
 
 Every stage is reused when its inputs are unchanged: rollouts live under
 ``<runs_dir>/rollouts/<split>-<hash of their config>``, PRMs under
-``<runs_dir>/prms/<name>-<hash of their training settings>``, so two studies that need the same
-rollouts or the same PRM (e.g. CE with 8 responses per instruction) compute it once.
+``<runs_dir>/prms/<name>-<hash of their training settings>``, evaluations under
+``<runs_dir>/evals/<prm>/<rollouts>-<hash>``, so two studies that need the same rollouts, PRM
+(e.g. CE with 8 responses per instruction) or evaluation compute it once.
 """
 
 from __future__ import annotations
