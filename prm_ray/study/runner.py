@@ -707,7 +707,7 @@ def adopt_study_evaluations(runs_dir: Path, log: Log) -> int:
         shutil.move(src, dest)
         moved += 1
     for root in roots:  # the emptied directories, deepest first
-        for d in sorted((p for p in root.glob("**/") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for d in sorted(root.glob("**/"), key=lambda p: -len(p.parts)):
             if not any(d.iterdir()):
                 d.rmdir()
     if moved or dropped:

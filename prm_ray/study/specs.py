@@ -259,10 +259,13 @@ def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
     return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(key)}"
 
 
+REFERENCE_PREFIX = "ref-logprobs-"  # a reference pass's directory, beside its rollouts
+
+
 def reference_dir(cfg: StudyConfig, rollouts: Path, dtype: str, step_split: str = "blank_line") -> Path:
     """Where a study keeps the per-token reference log-probs of a rollout set (beside it)."""
     key = [cfg.reference, dtype] + ([step_split] if step_split != "blank_line" else [])
-    return Path(rollouts) / f"ref-logprobs-{stage_hash(key)}"
+    return Path(rollouts) / f"{REFERENCE_PREFIX}{stage_hash(key)}"
 
 
 def eval_dir(runs_dir: str | Path, prm: str | Path, data: str | Path, config: dict) -> Path:
@@ -272,7 +275,7 @@ def eval_dir(runs_dir: str | Path, prm: str | Path, data: str | Path, config: di
     reuse check rather than by study, so a study that reranks another's test responses with the
     same PRMs (Table 1's parts, compare_baselines' ``generators``) scores nothing twice."""
     prm, data = Path(prm).resolve(), Path(data).resolve()
-    rollouts = data.parent if data.name.startswith("ref-logprobs-") else data
+    rollouts = data.parent if data.name.startswith(REFERENCE_PREFIX) else data
     return Path(runs_dir) / "evals" / prm.name / f"{rollouts.name}-{stage_hash([str(prm), str(data), config])}"
 
 
