@@ -67,7 +67,9 @@ def resolve_dtype(dtype: str, num_gpus: float) -> str:
     Training, the reference pass, evaluation and serving resolve once, in the driver, so every
     replica of a run computes in the same precision and the resolved dtype is what their configs,
     caches and reports record (on a cluster whose CPU nodes differ, pin it). Rollout engines
-    resolve on their own node and record it per shard (``engine_dtype``)."""
+    resolve on their own node and record it per shard (``engine_dtype``); a study keys its rollout
+    sets by what ``auto`` means on the driver's machine, and resuming a set in another precision is
+    refused (bf16 and fp32 sample different responses from the same seeds)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if num_gpus > 0 or cpu_has_native_bf16() else "float32"

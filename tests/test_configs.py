@@ -45,6 +45,12 @@ def test_make_paper_config_loads_into_its_jobs_config(path):
     spec.loader.exec_module(module)
     cfg = from_dict(module.CONFIG, load_yaml(path))
     assert cfg.seeds == [0, 1, 2] and cfg.test_rollouts.limit == 500 and cfg.test_rollouts.sampling.n == 64
+    # fp32 everywhere, what every committed result ran in: `auto` would pick bf16 on a CPU with it.
+    pinned = [cfg.train_rollouts.engine.dtype, cfg.test_rollouts.engine.dtype, cfg.validation_rollouts.engine.dtype,
+              cfg.train.precision, cfg.train.ref_pass.dtype, cfg.eval.dtype]
+    if hasattr(cfg, "shepherd"):
+        pinned.append(cfg.shepherd.engine.dtype)
+    assert set(pinned) == {"float32"}
 
 
 def test_make_paper_splits_table1_by_generator_with_the_same_prms():

@@ -62,3 +62,24 @@ def test_precision_bench_quick_mode_resolves_auto_per_cpu_mode(tmp_path):
     for mode in (native, avx2):
         for key in ("train_step_s", "reference_pass_s", "matmul_gflops"):
             assert mode[key].keys() == {"float32", "bfloat16"} and min(mode[key].values()) > 0
+
+
+def test_a_rollout_set_is_keyed_by_the_precision_auto_samples_in(monkeypatch, tmp_path):
+    """A study's rollout directory (and its Math-Shepherd completions') names the dtype `auto`
+    resolves to on this machine, so a CPU with native bf16 does not reuse responses sampled in fp32."""
+    import prm_ray.resources as resources
+    from prm_ray.stages.rollout import RolloutConfig
+    from prm_ray.stages.shepherd import ShepherdConfig
+    from prm_ray.study import StudyConfig
+    from prm_ray.study.specs import rollout_dir, sampling_key
+
+    cfg = StudyConfig(runs_dir=str(tmp_path))
+    auto, fp32, bf16 = RolloutConfig(), RolloutConfig(), RolloutConfig()
+    fp32.engine.dtype, bf16.engine.dtype = "float32", "bfloat16"
+    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: False)
+    assert rollout_dir(cfg, auto) == rollout_dir(cfg, fp32) != rollout_dir(cfg, bf16)
+    assert sampling_key(ShepherdConfig())["engine"]["dtype"] == "float32"
+    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: True)
+    assert rollout_dir(cfg, auto) == rollout_dir(cfg, bf16) != rollout_dir(cfg, fp32)
+    assert sampling_key(ShepherdConfig())["engine"]["dtype"] == "bfloat16"
+    assert auto.engine.dtype == "auto"  # the key resolves; the config itself is left as written

@@ -104,6 +104,24 @@ def test_changed_settings_into_the_same_output_are_refused(clean_run, tiny_train
         run_rollouts(_cfg(tiny_trained_policy[0].out, out, sampling=SamplingConfig(n=2, max_tokens=48)))
 
 
+def test_resuming_in_another_precision_is_refused(clean_run, tiny_trained_policy, tmp_path):
+    """bf16 and fp32 engines sample different responses from the same seeds: a set resumed where
+    `auto` resolves otherwise would mix two policies' samples."""
+    import shutil
+
+    out, _ = clean_run
+    made = json.loads((out / "runs.jsonl").read_text().splitlines()[0])["engine_dtypes"]
+    assert made in (["float32"], ["bfloat16"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "data" / "shard-000002.parquet").unlink()
+    other = "float32" if made == ["bfloat16"] else "bfloat16"
+    cfg = _cfg(tiny_trained_policy[0].out, resumed)
+    cfg.engine.dtype = other
+    with pytest.raises(ConfigError, match=f"sampled in {made[0]}.*engine.dtype: {made[0]}"):
+        run_rollouts(cfg)
+
+
 class ScriptedSampler:
     """Stands in for the vLLM stage: fixed responses, same interface, real downstream stages."""
 

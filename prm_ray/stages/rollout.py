@@ -414,6 +414,18 @@ def generation_compute(out: Path, model: str) -> dict:
             "flops": forward_flops(params, prompt + generated)}
 
 
+def _check_resume_dtype(out: Path, dtype: str) -> None:
+    """Refuse to resume a rollout set in another precision than its shards were sampled in: bf16
+    and fp32 engines sample different responses from the same seeds, so the set would mix two
+    policies' samples. ``engine.dtype: auto`` resolves per machine, so a resume on a CPU with(out)
+    native bf16 would do so silently."""
+    made = sorted({d for r in read_jsonl(out / RUNS_FILE) for d in r.get("engine_dtypes", []) if d != "unknown"})
+    if made and made != [dtype]:
+        raise ConfigError(f"{out} holds responses sampled in {', '.join(made)}; this run's engines would sample in "
+                          f"{dtype} (engine.dtype resolves 'auto' per machine). Set engine.dtype: {made[0]} to "
+                          "resume it, or use another output directory")
+
+
 def run_rollouts(cfg: RolloutConfig, sampler_cls: type | None = None) -> dict:
     """Run (or resume) a rollout job; returns the summary (also saved as summary.json).
 
@@ -442,6 +454,8 @@ def run_rollouts(cfg: RolloutConfig, sampler_cls: type | None = None) -> dict:
     (out / SKIPPED_FILE).write_text(json.dumps([list(s) for s in skipped], indent=1))
 
     todo = [s for s in _shards(instructions, cfg.shard_size, task) if not shard_path(out, s["shard_id"]).exists()]
+    if todo:
+        _check_resume_dtype(out, resolve_dtype(cfg.engine.dtype, cfg.engine.num_gpus))
     stats: list[dict] = []
     with measure() as clock:
         if todo:

@@ -77,6 +77,7 @@ from prm_ray.study.specs import (
     eval_dir,
     reference_dir,
     rollout_dir,
+    sampling_key,
     stage_hash,
     train_config,
 )
@@ -192,10 +193,7 @@ def shepherd_stage(cfg: StudyConfig, train: RolloutSet, params: int, log: Log, m
     if sc.verifier == VerifierConfig():
         sc.verifier = copy.deepcopy(cfg.train_rollouts.verifier)
     sc.ray_address = cfg.ray_address or sc.ray_address
-    key = to_dict(sc)
-    for name in ("out", "progress", "overwrite"):
-        key.pop(name)
-    out = Path(cfg.runs_dir) / "shepherd" / f"{train.path.name}-{stage_hash(key)}"
+    out = Path(cfg.runs_dir) / "shepherd" / f"{train.path.name}-{stage_hash(sampling_key(sc))}"
     sc.out = str(out)
     how = f"{sc.completions_per_step} completions per step" if method == "monte_carlo" else "the step checker"
     log(f"step labels ({method}): {how} on {sc.responses_per_instruction or 'all'} responses per instruction -> {out}")

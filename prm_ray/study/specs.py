@@ -20,7 +20,7 @@ from typing import Any
 from prm_ray.config import ConfigError, param, to_dict
 from prm_ray.core.objectives import IMPLICIT_OBJECTIVES, get_objective
 from prm_ray.policy.bootstrap import BootstrapConfig
-from prm_ray.resources import Request
+from prm_ray.resources import Request, resolve_dtype
 from prm_ray.stages.evaluate import EvaluateConfig
 from prm_ray.stages.rollout import RolloutConfig, SamplingConfig
 from prm_ray.stages.shepherd import ShepherdConfig
@@ -30,7 +30,7 @@ from prm_ray.stages.train.examples import BALANCE_MODES
 
 __all__ = ["AGGREGATIONS_COMPARED", "CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
-           "eval_dir", "reference_dir", "rollout_dir", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
+           "eval_dir", "reference_dir", "rollout_dir", "sampling_key", "scale_instructions_specs", "scale_responses_specs", "stage_hash", "train_config"]
 
 
 # max_tokens 160: what the default policy was evaluated with (its card); longer arith responses
@@ -252,11 +252,19 @@ def stage_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
+def sampling_key(rc: RolloutConfig | ShepherdConfig) -> dict:
+    """The settings that decide a sampling stage's output (rollouts, Math-Shepherd completions),
+    with ``engine.dtype`` as ``auto`` resolves here: bf16 and fp32 engines sample different
+    responses from the same seeds, so a CPU with native bf16 must not reuse a set made in fp32."""
     key = to_dict(rc)
     for name in ("out", "progress", "overwrite"):
         key.pop(name)
-    return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(key)}"
+    key["engine"]["dtype"] = resolve_dtype(rc.engine.dtype, rc.engine.num_gpus)
+    return key
+
+
+def rollout_dir(cfg: StudyConfig, rc: RolloutConfig) -> Path:
+    return Path(cfg.runs_dir) / "rollouts" / f"{rc.split}-{stage_hash(sampling_key(rc))}"
 
 
 REFERENCE_PREFIX = "ref-logprobs-"  # a reference pass's directory, beside its rollouts
