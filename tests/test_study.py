@@ -37,6 +37,11 @@ def test_study_configs_keep_their_own_nested_defaults():
         from_dict(ScaleResponsesConfig, {"test_rollouts": {"split": "train"}})
     with pytest.raises(ConfigError, match="objectives"):
         from_dict(CompareObjectivesConfig, {"objectives": ["ce", "ppo"]})
+    # What each row sets (train_config) is refused in the study's `train`, not overwritten silently.
+    for train, field_ in (({"dataset": {"instruction_fraction": 0.5}}, "train.dataset.instruction_fraction"),
+                          ({"dataset": {"objective": "dpo"}}, "train.dataset.objective"), ({"seed": 3}, "train.seed")):
+        with pytest.raises(ConfigError, match=f"{field_}: a study sets it per row"):
+            from_dict(CompareObjectivesConfig, {"train": train})
 
 
 def test_a_math_shepherd_row_outside_compare_baselines_is_refused_before_any_work(tmp_path):

@@ -26,7 +26,7 @@ from prm_ray.stages.rollout import RolloutConfig, SamplingConfig
 from prm_ray.stages.shepherd import ShepherdConfig
 from prm_ray.stages.train.config import TrainConfig
 from prm_ray.stages.train.driver import settings as train_settings
-from prm_ray.stages.train.examples import BALANCE_MODES
+from prm_ray.stages.train.examples import BALANCE_MODES, DatasetConfig
 
 __all__ = ["AGGREGATIONS_COMPARED", "CompareBaselinesConfig", "CompareObjectivesConfig", "GeneratorConfig", "IntervalConfig", "PRMSpec", "ScaleInstructionsConfig",
            "ScaleResponsesConfig", "StudyConfig", "compare_baselines_specs", "compare_objectives_specs",
@@ -200,6 +200,14 @@ class StudyConfig:
         if self.headline_n > self.test_rollouts.sampling.n:
             raise ConfigError(f"headline_n ({self.headline_n}) > test_rollouts.sampling.n "
                               f"({self.test_rollouts.sampling.n})")
+        # Each row sets these on its copy of `train` (train_config): a value here would be
+        # overwritten without a word, e.g. instruction_fraction in a compare_objectives config.
+        per_row = [f"dataset.{f}" for f in ("objective", "responses_per_instruction", "instruction_fraction", "balance",
+                                            "max_pairs_per_instruction", "seed")
+                   if getattr(self.train.dataset, f) != getattr(DatasetConfig(), f)]
+        if per_row or self.train.seed != TrainConfig().seed:
+            raise ConfigError(f"train.{(per_row or ['seed'])[0]}: a study sets it per row (objectives, responses, "
+                              "fractions, seeds; max_pairs_per_instruction at the top level); leave it at its default")
 
     def resource_requests(self) -> list[Request]:
         """Each stage's request (the study runs them one after another)."""
