@@ -202,9 +202,10 @@ class StudyConfig:
                               f"({self.test_rollouts.sampling.n})")
         # Each row sets these on its copy of `train` (train_config): a value here would be
         # overwritten without a word, e.g. instruction_fraction in a compare_objectives config.
+        default = DatasetConfig()
         per_row = [f"dataset.{f}" for f in ("objective", "responses_per_instruction", "instruction_fraction", "balance",
                                             "max_pairs_per_instruction", "seed")
-                   if getattr(self.train.dataset, f) != getattr(DatasetConfig(), f)]
+                   if getattr(self.train.dataset, f) != getattr(default, f)]
         if per_row or self.train.seed != TrainConfig().seed:
             raise ConfigError(f"train.{(per_row or ['seed'])[0]}: a study sets it per row (objectives, responses, "
                               "fractions, seeds; max_pairs_per_instruction at the top level); leave it at its default")
